@@ -1,0 +1,32 @@
+"""The error hierarchy: every error the user can fix is an ``EdgeInspectError``.
+
+Messages say what was expected, what was found and what to do about it. The
+CLI prints them as ``Error: ...`` on stderr and exits 1; ``--debug`` adds the
+traceback.
+
+    >>> raise InputError("No readable image in 'parts/'. Expected png, jpg, ...")
+"""
+
+
+class EdgeInspectError(Exception):
+    """Base class of the errors the user can act on."""
+
+
+class ConfigError(EdgeInspectError):
+    """A setting, flag or configuration file value is wrong."""
+
+
+class ModelCardError(EdgeInspectError):
+    """A run folder or model folder is missing, incomplete or inconsistent."""
+
+
+class InputError(EdgeInspectError):
+    """An image, folder or data set cannot be used as given."""
+
+
+class SourceError(EdgeInspectError):
+    """A hot folder or camera cannot be read."""
+
+
+class MissingExtraError(EdgeInspectError):
+    """A command needs an optional dependency group that is not installed."""

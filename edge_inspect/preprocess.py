@@ -1,0 +1,157 @@
+"""THE definition of preprocessing, shared by training and the runtime.
+
+Every image the models see, in training, calibration, evaluation and on the
+line, goes through :func:`preprocess`: decode, convert to grayscale, scale to
+[0, 1] float32, then resize with area interpolation to the model's input size.
+Training and inspection therefore cannot drift apart.
+
+    >>> from edge_inspect.preprocess import read_image, preprocess
+    >>> x = preprocess(read_image("part.png"), (128, 128))   # (128, 128) float32
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge_inspect.errors import InputError
+
+#: File suffixes read as images (compared case-insensitively).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+_JPEG_START = b"\xff\xd8"
+_JPEG_END = b"\xff\xd9"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What :func:`preprocess` does, as recorded in run folders and model cards.
+
+    Attributes:
+        height, width: the model's input size in pixels.
+        color: always ``"gray"``; 3- and 4-channel input is read as BGR(A),
+            OpenCV's order, and weighted 0.299 R + 0.587 G + 0.114 B.
+        interpolation: always ``"area"`` (``cv2.INTER_AREA``).
+        scale: always ``"unit"``: uint8 / 255, uint16 / 65535, float as is.
+    """
+
+    height: int
+    width: int
+    color: str = "gray"
+    interpolation: str = "area"
+    scale: str = "unit"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocessing":
+        return cls(**data)
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    """True when the file name has one of :data:`IMAGE_SUFFIXES`."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode encoded image bytes into an array, keeping depth and channels.
+
+    Args:
+        data: the file's bytes (PNG, JPEG, BMP, TIFF).
+        name: how to name the image in error messages.
+
+    Returns:
+        ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array, uint8 or uint16,
+        channels in BGR(A) order.
+
+    Raises:
+        InputError: empty, truncated or undecodable data.
+    """
+    if len(data) == 0:
+        raise InputError(f"{name}: the file is empty (0 bytes); it was probably not written completely.")
+    # libjpeg decodes a truncated JPEG to a grey-filled image with only a
+    # warning on stderr; a missing end-of-image marker is how we notice.
+    if data[:2] == _JPEG_START and _JPEG_END not in data[-64:]:
+        raise InputError(f"{name}: truncated JPEG (no end-of-image marker); the file was cut short.")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise InputError(
+            f"{name}: not a readable image. Expected PNG, JPEG, BMP or TIFF data "
+            f"({len(data)} bytes found that OpenCV cannot decode)."
+        )
+    return image
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file with :func:`decode_image`.
+
+    Raises:
+        InputError: the file cannot be opened or decoded.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
+    return decode_image(data, str(path))
+
+
+def to_unit_gray(image: np.ndarray) -> np.ndarray:
+    """Grayscale float32 in [0, 1] at the image's own size.
+
+    Args:
+        image: ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` BGR or ``(H, W, 4)``
+            BGRA; uint8, uint16, or float in [0, 1].
+
+    Returns:
+        ``(H, W)`` float32.
+
+    Raises:
+        InputError: unsupported dtype or shape.
+    """
+    if image.dtype == np.uint8:
+        unit = image.astype(np.float32) * np.float32(1 / 255)
+    elif image.dtype == np.uint16:
+        unit = image.astype(np.float32) * np.float32(1 / 65535)
+    elif image.dtype in (np.float32, np.float64):
+        unit = np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
+    else:
+        raise InputError(f"Unsupported image dtype {image.dtype}; expected uint8, uint16 or float in [0, 1].")
+    if unit.ndim == 3 and unit.shape[2] == 1:
+        unit = unit[:, :, 0]
+    if unit.ndim == 2:
+        return unit
+    if unit.ndim == 3 and unit.shape[2] == 3:
+        return cv2.cvtColor(unit, cv2.COLOR_BGR2GRAY)
+    if unit.ndim == 3 and unit.shape[2] == 4:
+        return cv2.cvtColor(unit, cv2.COLOR_BGRA2GRAY)
+    raise InputError(
+        f"Unsupported image shape {image.shape}; expected (H, W) or (H, W, C) with 1, 3 or 4 channels."
+    )
+
+
+def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Turn a decoded image into the model's input.
+
+    Args:
+        image: any array :func:`to_unit_gray` accepts.
+        size: ``(height, width)`` of the model input.
+
+    Returns:
+        ``(height, width)`` float32 in [0, 1], C-contiguous.
+    """
+    gray = to_unit_gray(image)
+    height, width = size
+    if gray.shape != (height, width):
+        gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(gray, dtype=np.float32)
+
+
+def load(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
+    """``preprocess(read_image(path), size)``."""
+    return preprocess(read_image(path), size)

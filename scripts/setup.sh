@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install edge-inspect with the extras given, e.g.
+#   scripts/setup.sh train,test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-train,test}"
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[${extras}]"

@@ -1,0 +1,25 @@
+"""Shared fixtures: small synthetic image folders, quiet TensorFlow."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from tests.support import write_parts  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def normal_dir(tmp_path_factory):
+    """24 normal synthetic parts, 32x32 PNG."""
+    folder = tmp_path_factory.mktemp("normal")
+    write_parts(folder, 24, size=32, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def defect_dir(tmp_path_factory):
+    """12 defective synthetic parts, 32x32 PNG."""
+    folder = tmp_path_factory.mktemp("defect")
+    write_parts(folder, 12, size=32, seed=2, defective=True)
+    return folder

@@ -1,0 +1,91 @@
+"""Reading image folders: recursion, bad files, mixed formats, the split, tf.data."""
+
+import logging
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_inspect.errors import InputError
+from export.data import make_dataset, scan_folder, split_paths
+from tests.support import write_parts
+
+
+def test_missing_and_empty_folders_get_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        scan_folder(tmp_path / "nope", (16, 16))
+    with pytest.raises(InputError, match="is empty"):
+        scan_folder(tmp_path, (16, 16))
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(InputError, match="is a file"):
+        scan_folder(tmp_path / "file.png", (16, 16))
+
+
+def test_folder_with_no_readable_image(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InputError, match="No readable image"):
+        scan_folder(tmp_path, (16, 16))
+
+
+def test_bad_files_are_skipped_named_and_counted(tmp_path, caplog):
+    good = write_parts(tmp_path / "sub" / "deeper", 3, size=32, seed=0, suffix=".jpg")
+    jpeg = good[0].read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    (tmp_path / "readme.txt").write_text("notes")
+    with caplog.at_level(logging.WARNING):
+        folder = scan_folder(tmp_path, (16, 16))
+    assert folder.paths == sorted(good)
+    assert {p.name for p, _ in folder.skipped} == {"truncated.jpg", "zero.png", "text.jpg", "readme.txt"}
+    for name in ("truncated.jpg", "zero.png", "text.jpg", "readme.txt"):
+        assert name in caplog.text
+    reasons = dict((p.name, r) for p, r in folder.skipped)
+    assert "truncated" in reasons["truncated.jpg"] and "empty" in reasons["zero.png"]
+
+
+def test_mixed_sizes_channels_formats_and_depths(tmp_path):
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(tmp_path / "gray.png"), rng.integers(0, 256, (40, 50), np.uint8))
+    cv2.imwrite(str(tmp_path / "color.jpg"), rng.integers(0, 256, (64, 64, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "alpha.png"), rng.integers(0, 256, (30, 20, 4), np.uint8))
+    cv2.imwrite(str(tmp_path / "deep.png"), np.full((33, 33), 65535, np.uint16))
+    cv2.imwrite(str(tmp_path / "bitmap.bmp"), rng.integers(0, 256, (16, 16, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "scan.tif"), rng.integers(0, 256, (24, 24), np.uint8))
+    folder = scan_folder(tmp_path, (16, 16))
+    assert len(folder.paths) == 6 and not folder.skipped
+    batches = list(make_dataset(folder.paths, (16, 16), batch_size=4, shuffle=False, seed=0))
+    images = np.concatenate([b.numpy() for b in batches])
+    assert images.shape == (6, 16, 16, 1) and images.dtype == np.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    deep = [p.name for p in folder.paths].index("deep.png")
+    np.testing.assert_allclose(images[deep], 1.0)
+
+
+def test_split_is_deterministic_stable_and_seeded(tmp_path):
+    paths = [tmp_path / f"img_{i:04d}.png" for i in range(500)]
+    a = split_paths(tmp_path, paths, val_fraction=0.2, seed=0)
+    b = split_paths(tmp_path, list(reversed(paths)), val_fraction=0.2, seed=0)
+    assert a.train == b.train and a.val == b.val
+    assert set(a.train).isdisjoint(a.val) and len(a.train) + len(a.val) == 500
+    assert 70 <= len(a.val) <= 130
+    grown = split_paths(tmp_path, paths + [tmp_path / "new.png"], val_fraction=0.2, seed=0)
+    assert set(a.val) <= set(grown.val) and set(a.train) <= set(grown.train)
+    assert split_paths(tmp_path, paths, val_fraction=0.2, seed=1).val != a.val
+
+
+def test_split_keeps_one_image_on_each_side(tmp_path):
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    split = split_paths(tmp_path, paths, val_fraction=0.01, seed=0)
+    assert len(split.train) == 1 and len(split.val) == 1
+
+
+def test_dataset_shuffles_with_seed(normal_dir):
+    folder = scan_folder(normal_dir, (32, 32))
+    first = lambda: np.concatenate([b.numpy() for b in make_dataset(folder.paths, (32, 32), batch_size=8, shuffle=True, seed=3)])  # noqa: E731
+    x, y = first(), first()
+    np.testing.assert_array_equal(x, y)
+    plain = np.concatenate([b.numpy() for b in make_dataset(folder.paths, (32, 32), batch_size=8, shuffle=False, seed=3)])
+    assert not np.array_equal(x, plain)
+    np.testing.assert_allclose(np.sort(x.ravel()), np.sort(plain.ravel()))
