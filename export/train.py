@@ -402,7 +402,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, o
     log.info("Training %s on %s (%d train, %d validation images) with %s", config.model, ", ".join(devices()), len(split.train), len(split.val), config.preset)
     start = time.monotonic()
     if initial_epoch < config.epochs and not state["stopped_early"]:
-        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
+        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0, shuffle=False)
     seconds = time.monotonic() - start + state.get("seconds", 0.0)
     state["seconds"] = seconds
     _atomic_write_text(run_dir / "checkpoints" / "state.json", json.dumps(state, indent=1))
