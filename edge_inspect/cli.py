@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from edge_inspect.errors import EdgeInspectError, MissingExtraError
@@ -45,7 +46,8 @@ def handle_errors(command):
         except EdgeInspectError as exc:
             if _state["debug"]:
                 err_console.print_exception()
-            err_console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escape: messages quote things like edge-inspect[train] that rich would read as markup
+            err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("Interrupted.")
@@ -114,8 +116,6 @@ def train(
         edge-inspect train --model conv-ae --normal parts/ok --out runs/conv-ae
     """
     _require_training_side()
-    from rich.progress import Progress
-
     from export.train import TrainConfig
     from export.train import train as run_training
 
@@ -133,17 +133,20 @@ def train(
         val_fraction=val_fraction,
         latent_dim=latent_dim,
     )
-    interactive = console.is_terminal
-    with Progress(console=err_console, transient=True, disable=not interactive) as bar:
-        task = bar.add_task("Checking images", total=None)
-        try:
-            result = run_training(config, resume=resume, progress=interactive, on_scan=lambda: bar.advance(task))
-        except KeyboardInterrupt:
-            err_console.print(
-                f"Interrupted. The last finished epoch is saved in {out}/checkpoints; "
-                f"continue with: edge-inspect train --model {model.value} --normal {normal} --out {out} --resume"
-            )
-            raise typer.Exit(130) from None
+    try:
+        result = run_training(config, resume=resume, progress=console.is_terminal)
+    except KeyboardInterrupt:
+        err_console.print(
+            f"Interrupted. The last finished epoch is saved in {out}/checkpoints; "
+            f"continue with: edge-inspect train --model {model.value} --normal {normal} --out {out} --resume"
+        )
+        raise typer.Exit(130) from None
+
+    from export.scoring import calibrate_run
+
+    bar, on_start, on_batch = _scoring_progress("Calibrating on held-out normals")
+    with bar:
+        cal = calibrate_run(out, on_start=on_start, on_batch=on_batch)
 
     table = Table(title=f"Trained {model.value}", show_header=False)
     table.add_row("run folder", str(result.run_dir))
@@ -152,7 +155,246 @@ def train(
     table.add_row("epochs", f"{result.epochs_run}" + (" (stopped early)" if result.stopped_early else ""))
     table.add_row("best validation loss", f"{result.best_val_loss:.6g} at epoch {result.best_epoch}")
     table.add_row("wall time", f"{result.seconds:.1f} s")
+    entry = cal["criteria"][cal["default_criterion"]]
+    table.add_row("threshold", f"{cal['default_criterion']} > {entry['threshold']:.6g} ({cal['mode']}, rule {cal['rule']}); "
+                  f"recalibrate with: edge-inspect calibrate {out}")
     console.print(table)
+
+
+class Rule(str, Enum):
+    quantile = "quantile"
+    mad = "mad"
+
+
+def _scoring_progress(description: str):
+    """A progress bar over images; returns (progress, on_start, on_batch)."""
+    from rich.progress import Progress
+
+    bar = Progress(console=err_console, transient=True, disable=not err_console.is_terminal)
+    task = bar.add_task(description, total=None)
+    return bar, (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+
+
+@app.command()
+@handle_errors
+def calibrate(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    rule: Annotated[Rule, typer.Option(help="quantile: a target false-alarm rate; mad: median + k robust deviations.")] = Rule.quantile,
+    false_alarm_rate: Annotated[float, typer.Option(help="Share of normal parts allowed over the threshold (rule quantile).")] = 0.05,
+    k: Annotated[float, typer.Option(help="Robust deviations above the median (rule mad).")] = 3.0,
+    anomalous: Annotated[Optional[Path], typer.Option(help="A few labelled defective images: few-shot mode picks polarity and criterion.")] = None,
+    criterion: Annotated[Optional[str], typer.Option(help="Default criterion (label-free default: range).")] = None,
+) -> None:
+    """Set a threshold for every criterion from the run's held-out normal images.
+
+    Without --anomalous no defect label is used (label-free mode).
+
+    Example:
+
+        edge-inspect calibrate runs/conv-ae --false-alarm-rate 0.02
+    """
+    _require_training_side()
+    from export.scoring import calibrate_run
+
+    bar, on_start, on_batch = _scoring_progress("Scoring held-out normals")
+    with bar:
+        cal = calibrate_run(run_dir, rule=rule.value, false_alarm_rate=false_alarm_rate, k=k,
+                            anomalous_dir=anomalous, criterion=criterion, on_start=on_start, on_batch=on_batch)
+    _print_calibration(cal, run_dir)
+
+
+def _print_calibration(cal: dict, run_dir: Path) -> None:
+    table = Table(title=f"Calibration ({cal['mode']}, rule {cal['rule']}, {cal['n_normal']} normal images)")
+    for column in ("criterion", "polarity", "threshold", "normal median", "normal p99"):
+        table.add_column(column, justify="left" if column in ("criterion", "polarity") else "right")
+    for name, entry in cal["criteria"].items():
+        q = entry["quantiles"]
+        mark = " (default)" if name == cal["default_criterion"] else ""
+        table.add_row(name + mark, entry["polarity"], f"{entry['threshold']:.6g}", f"{q.get('0.5', float('nan')):.6g}", f"{q.get('0.99', float('nan')):.6g}")
+    console.print(table)
+    console.print(f"Wrote {run_dir / 'calibration.json'}")
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A trained and calibrated run folder.")],
+    normal: Annotated[Path, typer.Option(help="Folder of normal images the model has not trained on.")],
+    anomalous: Annotated[Path, typer.Option(help="Folder of defective images.")],
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN_DIR/eval).")] = None,
+) -> None:
+    """Measure every criterion on labelled images and write a report with plots.
+
+    Example:
+
+        edge-inspect evaluate runs/conv-ae --normal data/test/ok --anomalous data/test/def
+    """
+    _require_training_side()
+    from export.evaluate import METRIC_COLUMNS
+    from export.evaluate import evaluate as run_evaluation
+
+    bar, on_start, on_batch = _scoring_progress("Scoring images")
+    with bar:
+        result = run_evaluation(run_dir, normal, anomalous, out_dir=out, on_start=on_start, on_batch=on_batch)
+    table = Table(title=f"{result.n_normal} normal, {result.n_anomalous} defective; chance AUC-PR {result.prevalence:.3f}; "
+                        f"thresholds {result.calibration_mode}")
+    headers = {"auc_roc": "AUC-ROC", "auc_pr": "AUC-PR", "f1": "F1", "accuracy": "acc", "false_alarm_rate": "FAR",
+               "recall": "recall", "f1_oracle": "F1*", "accuracy_oracle": "acc*"}
+    table.add_column("criterion", no_wrap=True)
+    shown = [c for c in METRIC_COLUMNS if c != "recall"]  # in the report; the terminal keeps 80 columns
+    for column in shown:
+        table.add_column(headers[column], justify="right", no_wrap=True)
+    for name, row in result.metrics.items():
+        style = "bold" if name == result.default_criterion else None
+        table.add_row(name, *(f"{row[c]:.3f}" for c in shown), style=style)
+    console.print(table)
+    console.print("FAR: false-alarm rate at the calibrated threshold. * oracle: best threshold on this set, chosen with its labels.")
+    console.print(f"Report: {(out or run_dir / 'eval') / 'report.md'}")
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command(name="export")
+@handle_errors
+def export_model(
+    run_dir: Annotated[Path, typer.Argument(help="A trained and calibrated run folder.")],
+    out: Annotated[Path, typer.Option(help="Model folder to write (model.onnx, model.json, ...).")],
+    precision: Annotated[Optional[list[Precision]], typer.Option(help="Also write this precision (repeatable); fp32 is always written.")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (13 to 18).")] = 17,
+    force: Annotated[bool, typer.Option("--force", help="Write fp16/int8 even if its verdicts agree with fp32 on fewer than 99% of images.")] = False,
+    anomalous: Annotated[Optional[Path], typer.Option(help="Defective images, to report the AUC change of fp16/int8.")] = None,
+) -> None:
+    """Export a run to a model folder the lean runtime loads: ONNX graphs and the model card.
+
+    Checks fp32 against Keras on the run's held-out images, and fp16/int8
+    against fp32. The folder is written whole or not at all.
+
+    Example:
+
+        edge-inspect export runs/conv-ae --out models/conv-ae --precision int8
+    """
+    _require_training_side()
+    from export.to_onnx import export_run
+
+    report = export_run(run_dir, out, precisions=[p.value for p in precision or []], opset=opset, force=force,
+                        anomalous_dir=anomalous)
+    table = Table(title=f"Exported {report.card['model']['kind']} to {report.out_dir} in {report.seconds:.1f} s")
+    for column in ("precision", "file", "MB", "checked against", "max |diff|", "verdicts agree", "AUC change"):
+        table.add_column(column, justify="left" if column in ("precision", "file", "checked against") else "right")
+    for name, entry in report.files.items():
+        parity = entry["parity"]
+        agree = "identical" if name == "fp32" else f"{parity['verdict_agreement']:.1%}" + (" (forced)" if parity["forced"] else "")
+        auc = parity.get("auc")
+        table.add_row(name + (" (default)" if name == report.card["default_precision"] else ""), entry["file"],
+                      f"{entry['bytes'] / 1e6:.2f}", f"{parity['reference']}, {parity['images']} images",
+                      f"{parity['max_abs_diff']:.2g}", agree, f"{auc['change']:+.4f}" if isinstance(auc, dict) else "-")
+    console.print(table)
+
+
+@app.command()
+@handle_errors
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (read recursively).")],
+    model: Annotated[Path, typer.Option(help="Model folder written by edge-inspect export.")],
+    json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per image instead of a table.")] = False,
+    heatmaps: Annotated[Optional[Path], typer.Option(help="Write anomaly-map overlays (PNG) to this folder.")] = None,
+    criterion: Annotated[Optional[str], typer.Option(help="Decide with this criterion instead of the card's default.")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="Which graph of the folder to run (default: the card's).")] = None,
+    device: Annotated[Device, typer.Option(help="auto: CUDA if it loads, else CPU; cuda: fail unless CUDA runs.")] = Device.auto,
+    batch_size: Annotated[int, typer.Option(help="Images per session run.")] = 8,
+) -> None:
+    """Inspect images: a verdict (ok, ng or error) per image.
+
+    A file that cannot be read gets an error verdict with the reason; the
+    others are still inspected. Exit code 0 when every image was inspected,
+    1 when any got an error verdict.
+
+    Example:
+
+        edge-inspect predict --model models/conv-ae parts/today/ --json
+    """
+    import json
+
+    from edge_inspect.inspector import Inspector, inspect_files, write_heatmap
+
+    inspector = Inspector.load(model, precision=precision.value if precision else None, device=device.value,
+                               criterion=criterion, batch_size=batch_size, anomaly_map=heatmaps is not None)
+    table = Table(title=f"{model} ({inspector.precision} on {inspector.device}), criterion {inspector.criterion}")
+    for column in ("image", "verdict", "score", "threshold", "latency ms"):
+        table.add_column(column, justify="left" if column in ("image", "verdict") else "right")
+    counts = {"ok": 0, "ng": 0, "error": 0}
+    written: set[Path] = set()
+    for result, image in inspect_files(inspector, paths, keep_images=heatmaps is not None):
+        counts[result.verdict] += 1
+        record = result.to_dict()
+        if heatmaps is not None and result.anomaly_map is not None:
+            target = heatmaps / f"{Path(result.source).stem}.png"
+            k = 2
+            while target in written:
+                target, k = heatmaps / f"{Path(result.source).stem}-{k}.png", k + 1
+            written.add(write_heatmap(target, image, result.anomaly_map))
+            record["heatmap"] = str(target)
+        if json_lines:
+            typer.echo(json.dumps(record))
+        else:
+            style = {"ok": "green", "ng": "bold red", "error": "yellow"}[result.verdict]
+            detail = result.error if result.verdict == "error" else f"{result.score:.6g}"
+            table.add_row(result.source, f"[{style}]{result.verdict}[/]", detail, f"{result.threshold:.6g}",
+                          f"{result.latency_ms:.1f}")
+    if not json_lines:
+        console.print(table)
+    err_console.print(f"{counts['ok']} ok, {counts['ng']} ng, {counts['error']} error", highlight=False)
+    if counts["error"]:
+        raise typer.Exit(1)
+
+
+@app.command(name="benchmark")
+@handle_errors
+def benchmark_model(
+    model: Annotated[Path, typer.Option(help="Model folder written by edge-inspect export.")],
+    data: Annotated[Optional[Path], typer.Option(help="Images to time; with ok/ and ng/ (or def/) subfolders, AUC-ROC too.")] = None,
+    device: Annotated[Device, typer.Option(help="auto, cpu or cuda.")] = Device.auto,
+    batch_size: Annotated[int, typer.Option(help="Images per session run in the batched measurement.")] = 16,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads of the session (default: all available).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many images per label.")] = None,
+) -> None:
+    """Measure latency, throughput, peak memory and AUC-ROC of each precision in a model folder.
+
+    Each precision runs in a fresh process, so its peak memory is its own.
+
+    Example:
+
+        edge-inspect benchmark --model models/conv-ae --data data/test
+    """
+    from edge_inspect.benchmark import benchmark as run_benchmark
+
+    report = run_benchmark(model, data=data, device=device.value, batch_size=batch_size, threads=threads, limit=limit)
+    device_name = report.rows[0].device if report.rows else device.value
+    table = Table(title=f"{report.model_dir} on {device_name}, {report.threads} threads: {report.data}")
+    columns = ("precision", "1 image ms\np50 / p95", f"batch {batch_size} ms/img\np50 / p95", "images/s",
+               "speed", "peak RSS MiB\n(model)", "AUC-ROC")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "precision" else "right")
+    base = report.rows[0].images_per_s if report.rows else 1.0
+    for row in report.rows:
+        table.add_row(row.precision, f"{row.single_p50_ms:.2f} / {row.single_p95_ms:.2f}",
+                      f"{row.batch_p50_ms:.2f} / {row.batch_p95_ms:.2f}", f"{row.images_per_s:.1f}",
+                      f"{row.images_per_s / base:.2f}x", f"{row.peak_rss_mib:.0f} (+{row.model_rss_mib:.0f})",
+                      f"{row.auc_roc:.4f}" if row.auc_roc is not None else "-")
+    console.print(table)
+    if report.rows:
+        console.print(f"AUC of criterion {report.rows[0].criterion} on {report.rows[0].images} images" if report.labelled
+                      else "No labelled data (--data DIR with ok/ and ng/ subfolders): no AUC.")
 
 
 @app.command()
@@ -163,7 +405,7 @@ def demo(
     size: Annotated[int, typer.Option(help="Image and model size in pixels.")] = 64,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 8,
 ) -> None:
-    """Run the main job end to end on synthetic parts: generate, train, report.
+    """Run the main job end to end on synthetic parts: generate, train, calibrate, evaluate.
 
     Example:
 
@@ -173,15 +415,18 @@ def demo(
 
     if out.exists() and any(out.iterdir()):
         raise EdgeInspectError(f"Demo folder '{out}' already holds files. Remove it or pass another --out.")
-    normal_dir, defect_dir = out / "parts" / "ok", out / "parts" / "ng"
-    write_parts(normal_dir, count, size=size, seed=0)
-    write_parts(defect_dir, max(count // 10, 3), size=size, seed=1, defective=True)
-    console.print(f"Wrote {count} normal parts to {normal_dir} and defective ones to {defect_dir}.")
+    parts = out / "parts"
+    write_parts(parts / "ok", count, size=size, seed=0)
+    write_parts(parts / "test" / "ok", max(count // 5, 10), size=size, seed=1)
+    write_parts(parts / "test" / "ng", max(count // 5, 10), size=size, seed=2, defective=True)
+    console.print(f"Wrote synthetic parts under {parts}: ok/ to train on, test/ok and test/ng to evaluate.")
+    run = out / "runs" / "conv-ae"
     train(
-        model=ModelKind.conv_ae, normal=normal_dir, out=out / "runs" / "conv-ae", preset=PresetName.fast,
+        model=ModelKind.conv_ae, normal=parts / "ok", out=run, preset=PresetName.fast,
         size=size, epochs=epochs, batch_size=32, lr=None, patience=None, latent_dim=2,
         val_fraction=0.2, seed=0, resume=False,
     )
+    evaluate(run_dir=run, normal=parts / "test" / "ok", anomalous=parts / "test" / "ng", out=None)
 
 
 def main() -> None:

@@ -52,9 +52,9 @@ class Preset:
 PRESETS = {
     # The paper's configuration.
     "paper": Preset(size=300, epochs=100, batch_size=64, lr=1e-4),
-    # CPU-friendly: 128 px keeps blow holes several pixels wide while an
-    # epoch costs ~8x less than at 300 px; see docs/training.md.
-    "fast": Preset(size=128, epochs=30, batch_size=32, lr=1e-3, patience=5),
+    # CPU-friendly: at 128 px a pinhole is still 2-4 pixels wide while an
+    # epoch costs 6-7x less than at 300 px; see docs/training.md.
+    "fast": Preset(size=128, epochs=40, batch_size=32, lr=1e-3, patience=8),
 }
 
 
@@ -333,15 +333,15 @@ def _resume_config(run_dir: Path, overrides: TrainConfig) -> TrainConfig:
     return config
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, on_scan=None) -> TrainResult:
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train a model on normal images and write the run folder.
 
     Args:
         config: what to train; ``None`` fields come from ``config.preset``.
         resume: continue the run in ``config.out_dir`` from its checkpoint;
             the saved configuration is used and only ``epochs`` may change.
-        progress: show a rich progress bar (else log one line an epoch).
-        on_scan: called once per file while the image folder is checked.
+        progress: show rich progress bars over the image check and the
+            epochs (else log one line an epoch).
 
     Returns:
         A summary of the run.
@@ -363,7 +363,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, o
     from export.models import build_model
 
     size = config.input_size
-    folder = scan_folder(config.normal_dir, size, on_file=on_scan)
+    from rich.progress import Progress
+
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("Checking images", total=None)
+        folder = scan_folder(config.normal_dir, size, on_file=lambda: bar.advance(task))
     split = split_paths(folder.root, folder.paths, val_fraction=config.val_fraction, seed=config.seed)
     if len(split.train) < 1 or len(split.val) < 1:
         raise InputError(
