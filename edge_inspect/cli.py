@@ -145,8 +145,11 @@ def train(
     from export.scoring import calibrate_run
 
     bar, on_start, on_batch = _scoring_progress("Calibrating on held-out normals")
-    with bar:
-        cal = calibrate_run(out, on_start=on_start, on_batch=on_batch)
+    try:
+        with bar:
+            cal = calibrate_run(out, on_start=on_start, on_batch=on_batch)
+    except EdgeInspectError as exc:
+        raise type(exc)(f"The model is trained and saved in {out}, but calibration failed: {exc}") from exc
 
     table = Table(title=f"Trained {model.value}", show_header=False)
     table.add_row("run folder", str(result.run_dir))
