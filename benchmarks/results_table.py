@@ -25,7 +25,8 @@ def budget(run: Path) -> str:
     return (
         f"{train['size']} px, {state['epoch']} epochs run (best at {state['best_epoch']}), batch {train['batch_size']}, "
         f"{train['optimizer']} lr {train['lr']}, {config['data']['n_train']} training images, "
-        f"{state.get('seconds', 0) / 60:.0f} min wall time on {', '.join(config['devices'])}"
+        + (f"{state['seconds'] / 60:.0f} min wall time" if state.get("seconds") else "wall time not recorded")
+        + f" on {', '.join(config['devices'])}"
     )
 
 

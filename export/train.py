@@ -183,16 +183,22 @@ def _needs_targets(model) -> bool:
 def _checkpoint_callback(run_dir: Path, state: dict, patience: int):
     """Saves last.keras + state.json every epoch and model.keras on improvement.
 
-    The state file is written after the model it describes, each atomically,
+    The state records the epochs done, the history, the early-stopping
+    counter and the training seconds so far. The state file is written
+    after the model it describes, each atomically,
     so a kill at any instant leaves a consistent pair to resume from.
     Early stopping lives here too, so its counter survives a resume.
     """
     import keras
 
     class Checkpoint(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.start, self.seconds_before = time.monotonic(), state.get("seconds", 0.0)
+
         def on_epoch_end(self, epoch, logs=None):
             logs = {k: float(v) for k, v in (logs or {}).items()}
             state["history"].append({"epoch": epoch + 1, **logs})
+            state["seconds"] = self.seconds_before + time.monotonic() - self.start
             val = logs.get("val_loss", logs.get("loss"))
             if val is not None and np.isfinite(val) and val < state["best_val_loss"]:
                 state.update(best_val_loss=val, best_epoch=epoch + 1, wait=0)
@@ -404,12 +410,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     callbacks = [_checkpoint_callback(run_dir, state, config.patience)]
     callbacks.append(_progress_callback(config.epochs, steps, initial_epoch) if progress else _log_callback(config.epochs))
     log.info("Training %s on %s (%d train, %d validation images) with %s", config.model, ", ".join(devices()), len(split.train), len(split.val), config.preset)
-    start = time.monotonic()
     if initial_epoch < config.epochs and not state["stopped_early"]:
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0, shuffle=False)
-    seconds = time.monotonic() - start + state.get("seconds", 0.0)
-    state["seconds"] = seconds
-    _atomic_write_text(run_dir / "checkpoints" / "state.json", json.dumps(state, indent=1))
+    seconds = state.get("seconds", 0.0)
     if state["history"]:
         plot_history(run_dir, state["history"], f"{config.model}, {config.size} px, {len(split.train)} images")
     return TrainResult(

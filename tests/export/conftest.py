@@ -4,19 +4,17 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.support import make_part, write_parts
+from tests.support import make_part
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
-    """conv-ae at 32 px, a few epochs on 60 synthetic normals, calibrated label-free."""
+def trained_run(tmp_path_factory, normal_dir):
+    """conv-ae at 32 px, a few epochs on the synthetic normals, calibrated label-free."""
     from export.scoring import calibrate_run
     from export.train import TrainConfig, train
 
-    normals = tmp_path_factory.mktemp("normals")
-    write_parts(normals, 60, size=32, seed=3)
     run = tmp_path_factory.mktemp("trained") / "run"
-    train(TrainConfig(model="conv-ae", normal_dir=str(normals), out_dir=str(run), size=32, epochs=4, batch_size=8), progress=False)
+    train(TrainConfig(model="conv-ae", normal_dir=str(normal_dir), out_dir=str(run), size=32, epochs=4, batch_size=8), progress=False)
     calibrate_run(run)
     return run
 

@@ -31,7 +31,7 @@ def test_train_writes_a_complete_run_folder(kind, normal_dir, tmp_path):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["model"] == kind and config["train"]["epochs"] == 2 and config["train"]["lr"] == PRESETS["fast"].lr
-    assert config["data"]["n_readable"] == 24 and config["data"]["n_train"] + config["data"]["n_val"] == 24
+    assert config["data"]["n_readable"] == 80 and config["data"]["n_train"] + config["data"]["n_val"] == 80
     assert config["preprocessing"]["height"] == 32 and config["versions"]["tensorflow"]
     split = json.loads((run / "split.json").read_text())
     assert len(split["train"]) == result.n_train and len(split["val"]) == result.n_val
@@ -64,6 +64,7 @@ def test_early_stopping_keeps_the_best_model(tmp_path):
     state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "wait": 0, "stopped_early": False, "history": []}
     callback = _checkpoint_callback(tmp_path, state, patience=2)
     callback.set_model(model)
+    callback.on_train_begin()
     for epoch, val in enumerate([1.0, 0.5, 0.7, 0.6]):
         model.stop_training = False
         if epoch == 1:
