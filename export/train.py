@@ -232,6 +232,7 @@ def plot_history(run_dir: Path, history: list[dict], title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     terms = [k for k in ("loss", "reconstruction_loss", "kl_loss") if any(k in row for row in history)]
@@ -241,6 +242,7 @@ def plot_history(run_dir: Path, history: list[dict], title: str) -> Path:
             values = [row.get(prefix + key, np.nan) for row in history]
             ax.plot(epochs, values, style, marker=".", label=("validation " if prefix else "training ") + key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(key.replace("_", " "))
         ax.grid(alpha=0.3)
         ax.legend()
@@ -288,8 +290,8 @@ def _progress_callback(epochs: int, steps: int, initial_epoch: int):
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
             self.progress.update(self.task, completed=(epoch + 1 - initial_epoch) * steps, val_loss=f"{float(logs.get('val_loss', np.nan)):.5g}")
-            self.progress.console.log(
-                f"epoch {epoch + 1}/{epochs}: loss {float(logs.get('loss', np.nan)):.5g}, "
+            self.progress.console.print(
+                f"{time.strftime('%H:%M:%S')} epoch {epoch + 1}/{epochs}: loss {float(logs.get('loss', np.nan)):.5g}, "
                 f"val_loss {float(logs.get('val_loss', np.nan)):.5g}"
             )
 
