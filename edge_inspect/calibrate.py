@@ -440,6 +440,3 @@ def validate_calibration(cal, where: str = "calibration") -> None:
             fail(f"criteria.{name}.quantiles", "an object", entry.get("quantiles"))
         for q, v in entry["quantiles"].items():
             number(f"criteria.{name}.quantiles.{q}", v)
-
-
-_validate = validate_calibration  # the name edge_inspect.card imports

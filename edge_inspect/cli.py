@@ -430,6 +430,22 @@ def demo(
         val_fraction=0.2, seed=0, resume=False,
     )
     evaluate(run_dir=run, normal=parts / "test" / "ok", anomalous=parts / "test" / "ng", out=None)
+    model_dir = out / "models" / "conv-ae"
+    export_model(run_dir=run, out=model_dir, precision=[Precision.int8], opset=17, force=False, anomalous=None)
+
+    from edge_inspect.inspector import Inspector, inspect_files
+
+    inspector = Inspector.load(model_dir)
+    table = Table(title=f"Lean runtime on the test parts ({inspector.precision}, {inspector.device}, {inspector.criterion})")
+    for column in ("folder", "ok", "ng", "error"):
+        table.add_column(column, justify="left" if column == "folder" else "right")
+    for label in ("ok", "ng"):
+        counts = {"ok": 0, "ng": 0, "error": 0}
+        for result, _ in inspect_files(inspector, [parts / "test" / label]):
+            counts[result.verdict] += 1
+        table.add_row(f"test/{label}", *(str(counts[v]) for v in ("ok", "ng", "error")))
+    console.print(table)
+    console.print(f"Inspect your own images with: edge-inspect predict --model {model_dir} PATH...")
 
 
 def main() -> None:

@@ -1,0 +1,358 @@
+"""The inspector: image array in, :class:`Result` out.
+
+This module owns one step of the line, from decoded images to verdicts:
+preprocess (:mod:`edge_inspect.preprocess`, the definition training used),
+batch, reconstruct with the ONNX Runtime session (:mod:`edge_inspect.session`),
+compute every criterion and the anomaly map with the fused kernel
+(:mod:`edge_inspect.kernels`), and decide with the card's calibration
+(:mod:`edge_inspect.calibrate`). The core takes ``np.ndarray`` images only.
+The file source at the end of the module (:func:`iter_image_files`,
+:func:`inspect_files`) turns paths into arrays for ``edge-inspect predict``;
+it moves to ``edge_inspect/sources/`` when that package lands.
+
+    >>> inspector = Inspector.load("models/conv-ae", device="auto")
+    >>> result = inspector.inspect(image)          # any (H, W[, C]) array
+    >>> result.verdict, result.score, result.threshold
+    ('ng', 0.83, 0.61)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_inspect.calibrate import is_anomalous, oriented
+from edge_inspect.card import INPUT_NAME, OUTPUT_NAME, ModelCard, check_metadata, load_card, read_verified
+from edge_inspect.errors import ConfigError, EdgeInspectError, InputError, ModelCardError
+from edge_inspect.kernels import CRITERIA, criteria, criterion_index
+from edge_inspect.preprocess import is_image_name, preprocess, read_image
+from edge_inspect.session import create_session
+
+log = logging.getLogger(__name__)
+
+VERDICTS = ("ok", "ng", "error")
+#: Images per session run unless configured.
+DEFAULT_BATCH_SIZE = 8
+
+
+@dataclass
+class Result:
+    """The outcome of inspecting one image.
+
+    Attributes:
+        verdict: ``"ok"``, ``"ng"`` (anomalous) or ``"error"`` (the image
+            could not be inspected; ``error`` says why).
+        score: the criterion's oriented score (higher = more anomalous),
+            compared with ``threshold``: ``ng`` iff ``score > threshold``.
+        threshold: the calibrated threshold of ``criterion``.
+        criterion: the criterion that decided.
+        criteria: every criterion's raw value, by name (empty on error).
+        latency_ms: wall time from the start of the image's batch
+            (preprocessing included) to its verdict; every image of a batch
+            waits for the whole batch.
+        batch_size: how many images shared the session run.
+        source: where the image came from (a path), when known.
+        error: the reason of an ``error`` verdict.
+        anomaly_map: ``(H, W)`` float32 ``|residual|`` at the model's input
+            size, when asked for; not part of :meth:`to_dict`.
+    """
+
+    verdict: str
+    score: float | None
+    threshold: float | None
+    criterion: str
+    criteria: dict[str, float] = field(default_factory=dict)
+    latency_ms: float = 0.0
+    batch_size: int = 1
+    source: str | None = None
+    error: str | None = None
+    anomaly_map: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        """The JSON-line form: every field but the map, NaN as None."""
+        clean = lambda v: None if v is None or not math.isfinite(v) else float(v)  # noqa: E731
+        return {
+            "source": self.source,
+            "verdict": self.verdict,
+            "score": clean(self.score),
+            "threshold": clean(self.threshold),
+            "criterion": self.criterion,
+            "criteria": {k: clean(v) for k, v in self.criteria.items()},
+            "latency_ms": round(self.latency_ms, 3),
+            "batch_size": self.batch_size,
+            "error": self.error,
+        }
+
+
+class Inspector:
+    """A loaded model folder, ready to inspect images.
+
+    Build one with :meth:`load`; it holds one ONNX Runtime session for its
+    lifetime. Not thread-safe: use one inspector per thread.
+
+    Args:
+        card: the validated model card.
+        session: the session of the card's ``precision`` graph.
+        device: where the session runs, ``"cpu"`` or ``"cuda"``.
+        precision: which graph of the folder runs.
+        criterion: the deciding criterion (default: the card's).
+        batch_size: images per session run in :meth:`inspect_batch`.
+        anomaly_map: return the per-pixel map with each result.
+        sigma: Gaussian smoothing of the map, in pixels (0: none).
+    """
+
+    def __init__(self, card: ModelCard, session, *, device: str, precision: str, criterion: str | None = None,
+                 batch_size: int = DEFAULT_BATCH_SIZE, anomaly_map: bool = False, sigma: float = 0.0):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
+        self.card = card
+        self.session = session
+        self.device = device
+        self.precision = precision
+        self.criterion = criterion or card.default_criterion
+        criterion_index(self.criterion)  # ConfigError for an unknown name
+        if self.criterion not in card.calibration["criteria"]:
+            raise ModelCardError(
+                f"Criterion {self.criterion!r} has no calibration in {card.folder}; calibrated: "
+                f"{', '.join(card.calibration['criteria'])}."
+            )
+        self.entry = card.calibration["criteria"][self.criterion]
+        self.size = card.size
+        self.batch_size = batch_size
+        self.anomaly_map = anomaly_map
+        self.sigma = sigma
+        self._column = CRITERIA.index(self.criterion)
+        self._known = [name for name in CRITERIA if name in card.calibration["criteria"]]
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, *, precision: str | None = None, device: str = "auto",
+             threads: int | None = None, **kwargs) -> "Inspector":
+        """Load a model folder: validate card and checksum, create the session.
+
+        Args:
+            model_dir: a folder written by ``edge-inspect export``.
+            precision: ``fp32``, ``fp16`` or ``int8`` (default: the card's
+                ``default_precision``).
+            device: ``auto``, ``cpu`` or ``cuda`` (see :mod:`edge_inspect.session`).
+            threads: CPU threads of the session.
+            **kwargs: the other :class:`Inspector` arguments.
+
+        Raises:
+            ModelCardError: missing, invalid or tampered card or graph.
+            ConfigError: an unknown criterion or device; CUDA not active.
+        """
+        card = load_card(model_dir)
+        precision = precision or card.default_precision
+        data = read_verified(card, precision)
+        name = f"{card.path(precision)}"
+        session, active = create_session(data, device, threads=threads, name=name)
+        check_metadata(card, precision, session.get_modelmeta().custom_metadata_map)
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
+            raise ModelCardError(
+                f"{name} has inputs {[i.name for i in inputs]} and outputs {[o.name for o in outputs]}; "
+                f"expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}. Export the model again."
+            )
+        inspector = cls(card, session, device=active, precision=precision, **kwargs)
+        inspector.warmup()
+        return inspector
+
+    def warmup(self) -> None:
+        """Run one batch of blank images, so the first part is not the slow one.
+
+        The first run loads the Numba kernel from its cache (about a second)
+        and lets ONNX Runtime allocate its buffers; a part on the line should
+        not wait for either.
+        """
+        self.inspect_batch([np.zeros(self.size, np.float32)] * self.batch_size)
+
+    # ---------------------------------------------------------------- core
+
+    def reconstruct(self, batch: np.ndarray) -> np.ndarray:
+        """``(N, H, W)`` float32 preprocessed images -> ``(N, H, W)`` float32 reconstructions."""
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    def inspect(self, image: np.ndarray, source: str | None = None) -> Result:
+        """Inspect one decoded image (any array :func:`preprocess` accepts)."""
+        return self.inspect_batch([image], [source])[0]
+
+    def inspect_batch(self, images: Sequence[np.ndarray], sources: Sequence[str | None] | None = None) -> list[Result]:
+        """Inspect images in runs of :attr:`batch_size`, one result per image, in order.
+
+        An image that cannot be preprocessed, or whose residual is not
+        finite, gets an ``error`` result with the reason; the others are
+        inspected as usual. An error of the session itself (the model
+        cannot run) is raised, not hidden in results.
+        """
+        sources = list(sources) if sources is not None else [None] * len(images)
+        results: list[Result] = []
+        for start in range(0, len(images), self.batch_size):
+            results += self._run(images[start:start + self.batch_size], sources[start:start + self.batch_size])
+        return results
+
+    def decide(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, len(CRITERIA))`` raw criteria -> (oriented scores, ng flags) of the criterion."""
+        values = scores[:, self._column]
+        return np.atleast_1d(oriented(values, self.entry)), np.atleast_1d(is_anomalous(values, self.entry))
+
+    def _run(self, images, sources) -> list[Result]:
+        start = time.perf_counter()
+        n = len(images)
+        batch = np.empty((n, *self.size), np.float32)
+        errors: dict[int, str] = {}
+        for i, image in enumerate(images):
+            try:
+                batch[i] = preprocess(np.asarray(image), self.size)
+            except EdgeInspectError as exc:
+                errors[i] = str(exc)
+                batch[i] = 0.0
+        recons = self.reconstruct(batch)
+        out = criteria(batch, recons, return_map=self.anomaly_map, sigma=self.sigma, on_nan="propagate")
+        scores, maps = out if self.anomaly_map else (out, None)
+        score, flags = self.decide(scores)
+        latency = (time.perf_counter() - start) * 1e3
+        threshold = float(self.entry["threshold"])
+        results = []
+        for i in range(n):
+            if i not in errors and not np.isfinite(scores[i]).all():
+                errors[i] = ("the residual is not finite (NaN or infinity in the image or the model output); "
+                             "check the image source and the model")
+            if i in errors:
+                results.append(Result("error", None, threshold, self.criterion, {}, latency, n, sources[i], errors[i]))
+                continue
+            results.append(Result(
+                verdict="ng" if flags[i] else "ok",
+                score=float(score[i]),
+                threshold=threshold,
+                criterion=self.criterion,
+                criteria={name: float(scores[i, CRITERIA.index(name)]) for name in self._known},
+                latency_ms=latency,
+                batch_size=n,
+                source=sources[i],
+                anomaly_map=None if maps is None else maps[i],
+            ))
+        return results
+
+
+# ------------------------------------------------------------ files as a source
+
+
+def iter_image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The files to inspect: each file as given, each folder's images recursively.
+
+    Folders contribute the files with an image suffix
+    (:data:`edge_inspect.preprocess.IMAGE_SUFFIXES`), sorted; a file named
+    explicitly is kept whatever its suffix, and a path that does not exist
+    is kept too, so that it gets an ``error`` result of its own.
+
+    Raises:
+        InputError: nothing to inspect (no paths, or only empty folders).
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
+        else:
+            files.append(path)
+    if not files:
+        shown = ", ".join(str(p) for p in paths) or "(none)"
+        raise InputError(f"No image to inspect in {shown}. Expected image files or folders holding them.")
+    return files
+
+
+def inspect_files(inspector: Inspector, paths: Sequence[str | os.PathLike], *,
+                  keep_images: bool = False) -> Iterator[tuple[Result, np.ndarray | None]]:
+    """Read, decode and inspect files, one batch at a time, in order.
+
+    Decoding runs on a thread pool (OpenCV releases the GIL) while the
+    previous batch is inspected. A file that cannot be read or decoded gets
+    an ``error`` result with the reason; inspection goes on.
+
+    Args:
+        inspector: the loaded model.
+        paths: what :func:`iter_image_files` accepts.
+        keep_images: also yield each decoded image (for heatmap overlays);
+            otherwise ``None``.
+
+    Yields:
+        ``(result, image)`` per file, ``result.source`` being the path.
+    """
+    files = iter_image_files(paths)
+
+    def read(path: Path):
+        try:
+            return read_image(path), None
+        except EdgeInspectError as exc:
+            return None, str(exc)
+
+    size = inspector.batch_size
+    chunks = [files[i:i + size] for i in range(0, len(files), size)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = pool.submit(lambda c: [read(p) for p in c], chunks[0])
+        for k, chunk in enumerate(chunks):
+            decoded = pending.result()
+            if k + 1 < len(chunks):
+                pending = pool.submit(lambda c: [read(p) for p in c], chunks[k + 1])
+            good = [i for i, (image, _) in enumerate(decoded) if image is not None]
+            inspected = iter(inspector.inspect_batch([decoded[i][0] for i in good], [str(chunk[i]) for i in good]))
+            for i, (image, reason) in enumerate(decoded):
+                if image is None:
+                    result = Result("error", None, float(inspector.entry["threshold"]), inspector.criterion,
+                                    source=str(chunk[i]), error=reason)
+                else:
+                    result = next(inspected)
+                yield result, (image if keep_images else None)
+
+
+#: |residual| shown at full colour in overlays: a fixed scale, so that
+#: overlays of different parts compare at a glance.
+HEATMAP_FULL_SCALE = 0.25
+
+
+def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The anomaly map in colour over the image, at the image's own size.
+
+    Args:
+        image: the decoded image, any array :func:`preprocess` accepts.
+        anomaly_map: ``(h, w)`` float32 ``|residual|`` at the model's size.
+        alpha: weight of the colour map.
+
+    Returns:
+        ``(H, W, 3)`` uint8 BGR, ready for ``cv2.imwrite``. The map is
+        resized with linear interpolation and coloured with the JET map on a
+        fixed scale: 0 blue, :data:`HEATMAP_FULL_SCALE` and above red.
+    """
+    import cv2
+
+    from edge_inspect.preprocess import to_unit_gray
+
+    gray = to_unit_gray(np.asarray(image))
+    height, width = gray.shape
+    amap = cv2.resize(anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
+    level = np.clip(amap / HEATMAP_FULL_SCALE * 255.0, 0, 255).astype(np.uint8)
+    colour = cv2.applyColorMap(level, cv2.COLORMAP_JET)
+    base = cv2.cvtColor((gray * 255.0 + 0.5).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    return cv2.addWeighted(colour, alpha, base, 1.0 - alpha, 0.0)
+
+
+def write_heatmap(path: str | os.PathLike, image: np.ndarray, anomaly_map: np.ndarray) -> Path:
+    """Write :func:`heatmap_overlay` as a PNG file; returns its path.
+
+    Raises:
+        InputError: the file cannot be written.
+    """
+    import cv2
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), heatmap_overlay(image, anomaly_map)):
+        raise InputError(f"Cannot write heatmap {path}; check that the folder is writable.")
+    return path

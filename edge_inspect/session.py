@@ -1,0 +1,141 @@
+"""The ONNX Runtime session: options, execution provider, device choice.
+
+One session per loaded model, created once with explicit options (see
+:func:`session_options` for each choice and why), on the device asked for:
+
+- ``cpu``: the CPU execution provider;
+- ``cuda``: the CUDA execution provider, or a :class:`ConfigError`. ONNX
+  Runtime silently falls back to the CPU when the CUDA or cuDNN libraries
+  do not load, so the providers the session really got are checked after
+  it is created;
+- ``auto``: CUDA when it really loads, the CPU otherwise.
+
+The provider that runs is logged and returned.
+
+    >>> session, device = create_session(model_bytes, device="auto")
+    >>> device
+    'cpu'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import onnxruntime as ort
+
+from edge_inspect.errors import ConfigError, ModelCardError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def default_threads() -> int:
+    """CPUs this process may run on (taskset and cgroup CPU sets respected)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """The options of every inference session.
+
+    - ``intra_op_num_threads = threads`` (default: the CPUs this process
+      may use). ORT's own default is the machine's core count, which
+      oversubscribes a container or a ``taskset``-limited service.
+    - ``inter_op_num_threads = 1`` and sequential execution: the graphs are
+      a chain of layers (the dilation box's four branches are the only
+      parallel part), so a second pool would only add threads that compete
+      with the intra-op pool and the Numba kernel.
+    - ``session.intra_op.allow_spinning = 0``: by default ORT's worker
+      threads spin after each run, waiting for more work. Right after the
+      run the Numba criteria kernel wants those same cores; on a 2-core line
+      PC spinning threads slow it (and every other process) down. Measured
+      in ``docs/benchmarks.md``.
+    - ``graph_optimization_level = ORT_ENABLE_ALL``: constant folding,
+      Conv+activation fusion and the NCHWc layout for AVX2/AVX-512.
+    - ``enable_cpu_mem_arena`` and ``enable_mem_pattern`` on: batches have a
+      fixed shape, so after the first run every buffer is reused from the
+      arena instead of allocated per run.
+    - ``log_severity_level = 3`` (errors): ORT's provider warnings are
+      replaced by this module's own checks and messages.
+
+    Raises:
+        ConfigError: ``threads`` < 1.
+    """
+    threads = default_threads() if threads is None else threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}.")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = True
+    options.enable_mem_pattern = True
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def create_session(
+    model: bytes | str | os.PathLike,
+    device: str = "auto",
+    *,
+    threads: int | None = None,
+    name: str = "model",
+) -> tuple[ort.InferenceSession, str]:
+    """Create the inference session of ``model`` on ``device``.
+
+    Args:
+        model: the ONNX graph, as bytes (what :func:`edge_inspect.card.read_verified`
+            returns) or a path.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        threads: CPU threads of the session (see :func:`session_options`).
+        name: how to name the model in messages.
+
+    Returns:
+        ``(session, active)``, ``active`` being ``"cuda"`` or ``"cpu"``:
+        the provider the session really runs on.
+
+    Raises:
+        ConfigError: an unknown device; ``cuda`` asked for but not available
+            in this ONNX Runtime build, or available but not loaded (missing
+            CUDA or cuDNN libraries, no GPU).
+    """
+    if device not in DEVICES:
+        raise ConfigError(f"Unknown device {device!r}. Expected one of: {', '.join(DEVICES)}.")
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    options = session_options(threads)
+    available = ort.get_available_providers()
+    cuda_built = _PROVIDERS["cuda"] in available
+    if device == "cuda" and not cuda_built:
+        raise ConfigError(
+            f"Device 'cuda' was asked for, but this ONNX Runtime ({ort.__version__}, {ort.get_device()} build) "
+            f"has no CUDA execution provider (it has: {', '.join(available)}). Install the GPU runtime with: "
+            "pip uninstall -y onnxruntime && pip install 'edge-inspect[gpu]'; or use --device cpu or auto."
+        )
+    if device == "cpu" or (device == "auto" and not cuda_built):
+        providers = [_PROVIDERS["cpu"]]
+    else:
+        providers = [(_PROVIDERS["cuda"], {"device_id": 0}), _PROVIDERS["cpu"]]
+    try:
+        session = ort.InferenceSession(model, sess_options=options, providers=providers)
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise ModelCardError(f"ONNX Runtime cannot load {name}: {exc}") from exc
+    active_providers = session.get_providers()
+    active = "cuda" if active_providers and active_providers[0] == _PROVIDERS["cuda"] else "cpu"
+    if device == "cuda" and active != "cuda":
+        raise ConfigError(
+            f"Device 'cuda' was asked for, but ONNX Runtime fell back to {', '.join(active_providers)}: the CUDA "
+            "execution provider did not load. Check that the CUDA and cuDNN libraries onnxruntime-gpu needs are "
+            "installed and that a GPU is visible (nvidia-smi); or use --device cpu or auto."
+        )
+    if device == "auto" and cuda_built and active != "cuda":
+        log.warning("CUDA execution provider did not load; running %s on the CPU.", name)
+    log.info("Running %s on %s (%s)", name, active, active_providers[0])
+    return session, active

@@ -1,0 +1,157 @@
+"""The session (options, device choice) and the inspector (array in, Result out)."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edge_inspect.card import load_card, read_verified
+from edge_inspect.errors import ConfigError
+from edge_inspect.inspector import Inspector, heatmap_overlay
+from edge_inspect.kernels import CRITERIA
+from edge_inspect.session import create_session, default_threads, session_options
+from edge_inspect.synthetic import make_part
+
+
+@pytest.fixture(scope="module")
+def inspector(model_dir):
+    return Inspector.load(model_dir, device="cpu", batch_size=4)
+
+
+def _parts(n, defect=None, seed=0):
+    rng = np.random.default_rng(seed)
+    return [make_part(rng, size=32, defect=defect)[0] for _ in range(n)]
+
+
+def test_session_options_are_pinned():
+    """The session options are a deliberate choice; change them only with a measurement.
+
+    Threads = the CPUs this process may use (ORT's default, the machine's
+    cores, oversubscribes containers and taskset services); one inter-op
+    thread, sequential (the graphs are chains); no spinning after a run (the
+    Numba kernel and other processes need those cores next); every graph
+    optimisation (NCHWc, fusions); arena and memory pattern on (fixed batch
+    shapes reuse their buffers). docs/benchmarks.md has the measurements.
+    """
+    options = session_options()
+    assert options.intra_op_num_threads == default_threads()
+    assert options.inter_op_num_threads == 1
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.enable_cpu_mem_arena and options.enable_mem_pattern
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(threads=1).intra_op_num_threads == 1
+    with pytest.raises(ConfigError, match="threads must be a positive integer"):
+        session_options(threads=0)
+
+
+def test_cuda_on_a_cpu_only_runtime_is_a_clear_error(model_dir):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(ConfigError, match="Device 'cuda' was asked for.*no CUDA execution provider.*edge-inspect\\[gpu\\]"):
+        Inspector.load(model_dir, device="cuda")
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available")
+def test_cuda_that_silently_falls_back_is_caught(model_dir, monkeypatch):
+    """onnxruntime-gpu without its CUDA libraries runs on the CPU with only a warning."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    # Claim a CUDA build: ORT then gets CUDA first in the provider list and
+    # falls back to the CPU, as a GPU wheel without its libraries does.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    data = read_verified(load_card(model_dir), "fp32")
+    with pytest.raises(ConfigError, match="fell back to CPUExecutionProvider"):
+        create_session(data, "cuda")
+    session, active = create_session(data, "auto")
+    assert active == "cpu" and session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_auto_and_cpu_run_on_the_cpu(model_dir, caplog):
+    data = read_verified(load_card(model_dir), "fp32")
+    with caplog.at_level("INFO", logger="edge_inspect.session"):
+        for device in ("auto", "cpu"):
+            assert create_session(data, device)[1] == "cpu"
+    assert "on cpu (CPUExecutionProvider)" in caplog.text
+    with pytest.raises(ConfigError, match="Unknown device 'tpu'"):
+        create_session(data, "tpu")
+
+
+def test_result_has_every_field(inspector):
+    result = inspector.inspect(_parts(1)[0], source="a.png")
+    assert result.verdict in ("ok", "ng")
+    assert result.criterion == "range" == inspector.card.default_criterion
+    assert list(result.criteria) == list(CRITERIA)
+    assert result.score == pytest.approx(result.criteria["range"])  # polarity "high"
+    assert result.verdict == ("ng" if result.score > result.threshold else "ok")
+    assert result.latency_ms > 0 and result.source == "a.png" and result.anomaly_map is None
+    assert set(result.to_dict()) == {"source", "verdict", "score", "threshold", "criterion", "criteria",
+                                     "latency_ms", "batch_size", "error"}
+
+
+def test_batches_give_the_scores_of_single_images(inspector):
+    images = _parts(6, seed=3)  # 6 = a full batch of 4 and a partial one
+    batched = inspector.inspect_batch(images)
+    single = [inspector.inspect(image) for image in images]
+    assert [r.batch_size for r in batched] == [4] * 4 + [2] * 2
+    for a, b in zip(batched, single):
+        assert a.verdict == b.verdict
+        assert a.criteria == pytest.approx(b.criteria, rel=1e-5, abs=1e-6)
+
+
+def test_any_image_array_is_preprocessed_like_training(inspector):
+    """uint8, uint16, float and BGR arrays, at any size, go through the shared preprocess."""
+    gray = _parts(1, seed=4)[0]
+    bgr = np.repeat(gray[:, :, None], 3, axis=2)
+    big = np.kron(gray, np.ones((3, 3), np.uint8))  # 96 x 96: area-resized back to 32
+    scores = [inspector.inspect(x).criteria["range"] for x in (gray, bgr, gray.astype(np.float32) / 255, big)]
+    assert scores == pytest.approx([scores[0]] * 4, abs=2e-3)
+
+
+def test_a_bad_image_gets_an_error_result_and_the_others_go_on(inspector):
+    nan_image = np.full((32, 32), np.nan, np.float32)
+    results = inspector.inspect_batch([_parts(1)[0], np.zeros((32, 32), np.int32), nan_image])
+    assert results[0].verdict in ("ok", "ng")
+    assert results[1].verdict == "error" and "Unsupported image dtype int32" in results[1].error
+    assert results[2].verdict == "error" and "not finite" in results[2].error
+    assert results[2].score is None and results[2].to_dict()["criteria"] == {}
+
+
+def test_defects_score_higher_than_normal_parts(inspector):
+    normal = [r.score for r in inspector.inspect_batch(_parts(12, seed=20))]
+    holes = [r.score for r in inspector.inspect_batch(_parts(12, defect="hole", seed=21))]
+    assert np.mean(holes) > np.mean(normal)
+
+
+def test_criterion_override_and_anomaly_map(model_dir):
+    inspector = Inspector.load(model_dir, device="cpu", criterion="mse", anomaly_map=True, sigma=1.0)
+    result = inspector.inspect(_parts(1)[0])
+    entry = inspector.card.calibration["criteria"]["mse"]
+    assert result.criterion == "mse" and result.threshold == entry["threshold"]
+    assert result.anomaly_map.shape == (32, 32) and result.anomaly_map.dtype == np.float32
+    overlay = heatmap_overlay(np.kron(_parts(1)[0], np.ones((2, 2), np.uint8)), result.anomaly_map)
+    assert overlay.shape == (64, 64, 3) and overlay.dtype == np.uint8
+    with pytest.raises(ConfigError, match="Unknown criterion 'sharpness'"):
+        Inspector.load(model_dir, device="cpu", criterion="sharpness")
+
+
+def test_runtime_scores_match_the_keras_scorer(model_dir, conv_ae_run):
+    """The same images through Keras (export.scoring) and through the runtime: the same criteria."""
+    from export.scoring import load_run, score_paths
+
+    run = load_run(conv_ae_run)
+    paths = run.held_out_normals()[:6]
+    keras_scores = score_paths(run, paths)
+    from edge_inspect.preprocess import read_image
+
+    results = Inspector.load(model_dir, device="cpu").inspect_batch([read_image(p) for p in paths])
+    runtime_scores = np.array([[r.criteria[name] for name in CRITERIA] for r in results])
+    np.testing.assert_allclose(runtime_scores, keras_scores, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_runs_and_agrees_on_most_verdicts(model_dir):
+    fp32 = Inspector.load(model_dir, device="cpu", precision="fp32")
+    int8 = Inspector.load(model_dir, device="cpu", precision="int8")
+    images = _parts(8, seed=30)
+    a, b = fp32.inspect_batch(images), int8.inspect_batch(images)
+    assert int8.precision == "int8"
+    assert np.abs(np.array([r.score for r in a]) - np.array([r.score for r in b])).max() < 0.05
