@@ -431,7 +431,7 @@ def demo(
     )
     evaluate(run_dir=run, normal=parts / "test" / "ok", anomalous=parts / "test" / "ng", out=None)
     model_dir = out / "models" / "conv-ae"
-    export_model(run_dir=run, out=model_dir, precision=[Precision.int8], opset=17, force=False, anomalous=None)
+    export_model(run_dir=run, out=model_dir, precision=None, opset=17, force=False, anomalous=None)
 
     from edge_inspect.inspector import Inspector, inspect_files
 

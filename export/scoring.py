@@ -66,9 +66,16 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def reconstruct(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """``(N, H, W)`` float32 images in, ``(N, H, W)`` float32 reconstructions out."""
-    out = model.predict(images[..., None], batch_size=batch_size, verbose=0)
-    return np.ascontiguousarray(out[..., 0], dtype=np.float32)
+    """``(N, H, W)`` float32 images in, ``(N, H, W)`` float32 reconstructions out.
+
+    Calls the model directly, batch by batch: ``model.predict`` would build a
+    data pipeline and retrace its function for every differently sized call.
+    """
+    out = np.empty_like(images, dtype=np.float32)
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size, :, :, None]
+        out[start : start + batch_size] = np.asarray(model(batch, training=False))[..., 0]
+    return out
 
 
 def score_paths(
