@@ -37,11 +37,23 @@ class Run:
     def kind(self) -> str:
         return self.config["train"]["model"]
 
-    def held_out_normals(self) -> list[Path]:
-        """The validation images of the run's split, which training never fitted."""
+    def held_out_normals(self, needed_for: str = "This") -> list[Path]:
+        """The validation images of the run's split, which training never fitted.
+
+        Raises:
+            ModelCardError: some of them are gone; ``needed_for`` names what
+                needs them in the message.
+        """
         split = json.loads((self.path / "split.json").read_text())
         root = Path(split["root"])
-        return [root / rel for rel in split["val"]]
+        normals = [root / rel for rel in split["val"]]
+        gone = [p for p in normals if not p.is_file()]
+        if gone:
+            raise ModelCardError(
+                f"{len(gone)} of the run's {len(normals)} held-out normal images are gone (first: {gone[0]}). "
+                f"{needed_for} needs them; restore the training folder or train a new run."
+            )
+        return normals
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -133,13 +145,7 @@ def calibrate_run(
     from export.data import scan_folder
 
     run = load_run(run_dir)
-    normals = run.held_out_normals()
-    missing = [p for p in normals if not p.is_file()]
-    if missing:
-        raise ModelCardError(
-            f"{len(missing)} of the run's {len(normals)} held-out normal images are gone (first: {missing[0]}). "
-            "Calibration needs them; restore the training folder or train a new run."
-        )
+    normals = run.held_out_normals("Calibration")
     anomalous = scan_folder(anomalous_dir, run.size).paths if anomalous_dir else []
     if on_start:
         on_start(len(normals) + len(anomalous))

@@ -158,13 +158,7 @@ def export_run(
     keras_sha = sha256_file(run_dir / "model.keras")
     _check_out_dir(out_dir, keras_sha)
 
-    normals = run.held_out_normals()
-    gone = [p for p in normals if not p.is_file()]
-    if gone:
-        raise ModelCardError(
-            f"{len(gone)} of the run's {len(normals)} held-out normal images are gone (first: {gone[0]}). "
-            "The parity check needs them; restore the training folder."
-        )
+    normals = run.held_out_normals("The parity check")
     from export.data import load_batch, scan_folder
 
     images = load_batch(normals, run.size)[..., 0]
