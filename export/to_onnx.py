@@ -32,7 +32,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -748,19 +747,10 @@ def _card(run, calibration: dict, keras_sha: str, opset: int, default_precision:
 
 
 def _versions() -> dict:
-    import keras
     import onnx
     import onnxruntime
-    import tensorflow as tf
     import tf2onnx
 
-    return {
-        "edge_inspect": __version__,
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "tf2onnx": tf2onnx.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-    }
+    from export.train import versions
+
+    return {**versions(), "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
