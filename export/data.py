@@ -54,6 +54,7 @@ class Split:
     seed: int
     val_fraction: float
     rule: str = "sha256(f'{seed}:{relative path}') < val_fraction"
+    groups: int | None = None
 
 
 def list_files(folder: str | os.PathLike) -> list[Path]:
@@ -143,7 +144,56 @@ def _unit_hash(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_paths(root: Path, paths: list[Path], *, val_fraction: float, seed: int) -> Split:
+#: Correlation above which two images count as views of one part.
+NEAR_DUPLICATE_LINK = 0.99
+#: Side of the thumbnails near-duplicates are compared at.
+NEAR_DUPLICATE_SIZE = 64
+
+
+def near_duplicate_groups(images: np.ndarray, link: float = NEAR_DUPLICATE_LINK, block: int = 1024) -> np.ndarray:
+    """Group images that are views of one part: a label per image.
+
+    Two images are linked when the Pearson correlation of their pixels,
+    maximised over the eight quarter turns and mirror images of the second,
+    exceeds ``link``; groups are the connected components of the links. Data
+    sets built by augmenting photographs hold rotated and flipped copies of
+    one part, and a validation image with a copy in training scores like a
+    training image, not like an unseen part.
+
+    Args:
+        images: ``(n, s, s)`` square thumbnails (:data:`NEAR_DUPLICATE_SIZE`).
+        link: the correlation threshold.
+        block: rows compared at a time (memory: ``8 * block * n`` floats).
+
+    Returns:
+        ``(n,)`` int group labels, ``0 .. groups - 1``.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(images)
+
+    def unit_rows(x):
+        z = x.reshape(len(x), -1).astype(np.float32)
+        z -= z.mean(axis=1, keepdims=True)
+        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+    base = unit_rows(images)
+    views = [unit_rows(np.rot90(m, k, axes=(1, 2))) for m in (images, images[:, :, ::-1]) for k in range(4)]
+    rows, cols = [], []
+    for start in range(0, n, block):
+        best = np.max([base[start:start + block] @ v.T for v in views], axis=0)
+        r, c = np.nonzero(best > link)
+        keep = r + start != c
+        rows.append(r[keep] + start)
+        cols.append(c[keep])
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def split_paths(root: Path, paths: list[Path], *, val_fraction: float, seed: int,
+                groups: np.ndarray | None = None) -> Split:
     """Split images into training and validation, deterministically.
 
     An image goes to validation when a hash of the seed and its path relative
@@ -152,12 +202,24 @@ def split_paths(root: Path, paths: list[Path], *, val_fraction: float, seed: int
     new images never moves old ones between the sides. At least one image is
     kept on each side when there are two or more.
 
+    With ``groups`` (a label per path, :func:`near_duplicate_groups`), whole
+    groups move together, keyed by the group's first relative path: no
+    validation image then has a near-duplicate in training, so validation
+    scores stand for unseen parts. The validation share is then only close to
+    ``val_fraction``.
+
     Raises:
         InputError: ``val_fraction`` is outside [0, 1).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(f"Validation fraction must be in [0, 1), got {val_fraction}.")
-    keyed = sorted(((_unit_hash(seed, p.relative_to(root).as_posix()), p) for p in paths), key=lambda kv: kv[0])
+    names = [p.relative_to(root).as_posix() for p in paths]
+    if groups is not None:
+        first: dict[int, str] = {}
+        for name, group in sorted(zip(names, groups)):
+            first.setdefault(int(group), name)
+        names = [first[int(group)] for group in groups]
+    keyed = sorted(((_unit_hash(seed, name), p) for name, p in zip(names, paths)), key=lambda kv: kv[0])
     val = [p for u, p in keyed if u < val_fraction]
     train = [p for u, p in keyed if u >= val_fraction]
     if val_fraction > 0 and len(paths) >= 2:
@@ -165,15 +227,21 @@ def split_paths(root: Path, paths: list[Path], *, val_fraction: float, seed: int
             val, train = [train[0]], train[1:]
         elif not train:
             train, val = [val[-1]], val[:-1]
-    return Split(sorted(train), sorted(val), seed, val_fraction)
+    if groups is None:
+        return Split(sorted(train), sorted(val), seed, val_fraction)
+    rule = (f"whole near-duplicate groups (correlation > {NEAR_DUPLICATE_LINK} at {NEAR_DUPLICATE_SIZE} px over the "
+            "8 quarter turns and mirror images): sha256(f'{seed}:{first relative path of the group}') < val_fraction")
+    return Split(sorted(train), sorted(val), seed, val_fraction, rule, int(np.max(groups)) + 1 if len(groups) else 0)
 
 
-def load_batch(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
-    """Preprocess images into one ``(N, H, W, 1)`` float32 array."""
+def load_batch(paths: list[Path], size: tuple[int, int], on_image: Callable[[], None] | None = None) -> np.ndarray:
+    """Preprocess images into one ``(N, H, W, 1)`` float32 array; ``on_image()`` after each."""
     out = np.empty((len(paths), *size, 1), np.float32)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for i, image in enumerate(pool.map(lambda p: load(p, size), paths)):
             out[i, :, :, 0] = image
+            if on_image is not None:
+                on_image()
     return out
 
 

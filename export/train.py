@@ -75,6 +75,9 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.2
     latent_dim: int = 2
+    components: int = 1024
+    augment: str | None = None
+    group_split: bool = True
 
     def resolved(self) -> "TrainConfig":
         """A copy with every ``None`` filled from the preset, validated.
@@ -83,6 +86,7 @@ class TrainConfig:
             ConfigError: unknown preset, model or optimizer, or a bad number.
         """
         from export.models import MODEL_KINDS
+        from export.models.linear_ae import AUGMENTATIONS
 
         if self.preset not in PRESETS:
             raise ConfigError(f"Unknown preset '{self.preset}'. Choose one of: {', '.join(PRESETS)}.")
@@ -90,6 +94,15 @@ class TrainConfig:
             raise ConfigError(f"Unknown model '{self.model}'. Choose one of: {', '.join(MODEL_KINDS)}.")
         preset = asdict(PRESETS[self.preset])
         filled = replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+        if filled.augment is None:
+            filled = replace(filled, augment="d4" if filled.model == "linear-ae" else "none")
+        if filled.augment not in AUGMENTATIONS:
+            raise ConfigError(f"At 'augment': unknown '{filled.augment}'. Choose one of: {', '.join(AUGMENTATIONS)}.")
+        if filled.augment != "none" and filled.model != "linear-ae":
+            raise ConfigError(
+                f"At 'augment': '{filled.augment}' is only available for linear-ae; the {filled.model} "
+                "trains on the images as they are. Use --augment none."
+            )
         checks = {
             "size": filled.size >= 16,
             "epochs": filled.epochs >= 1,
@@ -97,6 +110,7 @@ class TrainConfig:
             "lr": 0 < filled.lr < 1,
             "patience": filled.patience >= 1,
             "latent_dim": filled.latent_dim >= 1,
+            "components": filled.components >= 1,
             "val_fraction": 0 < filled.val_fraction < 1,
         }
         for key, ok in checks.items():
@@ -376,7 +390,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("Checking images", total=None)
         folder = scan_folder(config.normal_dir, size, on_file=lambda: bar.advance(task))
-    split = split_paths(folder.root, folder.paths, val_fraction=config.val_fraction, seed=config.seed)
+    groups = _near_duplicate_groups(folder.paths, progress) if config.group_split else None
+    split = split_paths(folder.root, folder.paths, val_fraction=config.val_fraction, seed=config.seed, groups=groups)
     if len(split.train) < 1 or len(split.val) < 1:
         raise InputError(
             f"Need at least 2 readable normal images in '{folder.root}' (one to train, one to validate); "
@@ -388,6 +403,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             log.warning("The image folder changed since the run started; the new split is used.")
 
     _write_run_files(run_dir, config, folder, split)
+    if config.model == "linear-ae":
+        return _fit_linear(config, run_dir, split, len(folder.skipped), progress)
 
     keras.utils.set_random_seed(config.seed)
     train_ds = make_dataset(split.train, size, batch_size=config.batch_size, shuffle=True, seed=config.seed)
@@ -430,6 +447,68 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     )
 
 
+#: Above this many images the split skips grouping near-duplicates (the
+#: comparison grows with the square of the count); the run log says so.
+MAX_GROUPED_IMAGES = 20_000
+
+
+def _near_duplicate_groups(paths: list[Path], progress: bool) -> np.ndarray | None:
+    """Near-duplicate group of each image, for a validation split of unseen parts."""
+    from rich.progress import Progress
+
+    from export.data import NEAR_DUPLICATE_SIZE, load_batch, near_duplicate_groups
+
+    if len(paths) > MAX_GROUPED_IMAGES:
+        log.warning("%d images: more than %d, so the validation split does not group near-duplicates; "
+                    "calibration may then see copies of training images", len(paths), MAX_GROUPED_IMAGES)
+        return None
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("Grouping near-duplicate images", total=len(paths))
+        thumbs = load_batch(paths, (NEAR_DUPLICATE_SIZE, NEAR_DUPLICATE_SIZE), on_image=lambda: bar.advance(task))
+        groups = near_duplicate_groups(thumbs[..., 0])
+    sizes = np.bincount(groups)
+    log.info("%d images in %d near-duplicate groups (largest %d); validation takes whole groups",
+             len(paths), len(sizes), sizes.max())
+    return groups
+
+
+def _fit_linear(config: TrainConfig, run_dir: Path, split, n_skipped: int, progress: bool) -> TrainResult:
+    """Fit the linear AE in closed form and write it as the run's model.
+
+    One "epoch": the fit sees every training image (and its augmented
+    views) at once. The history row holds the training and validation MSE.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from export.data import load_batch
+    from export.models import build_model, fit_linear_ae
+    from export.scoring import reconstruct
+
+    start = time.monotonic()
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True, disable=not progress) as bar:
+        task = bar.add_task("Loading training images", total=len(split.train))
+        images = load_batch(split.train, config.input_size, on_image=lambda: bar.advance(task))[..., 0]
+        views = 8 * len(images) if config.augment == "d4" else len(images)
+        bar.add_task(f"Fitting {config.components} components to {views} images (SVD)", total=None)
+        log.info("Fitting linear-ae: %d components, %d training images, augment %s", config.components, len(images), config.augment)
+        model = build_model("linear-ae", config.input_size, components=config.components)
+        summary = fit_linear_ae(model, images, augment=config.augment, seed=config.seed)
+        val = load_batch(split.val, config.input_size)[..., 0]
+        val_loss = float(np.mean((val - reconstruct(model, val)) ** 2))
+    _atomic_save_model(model, run_dir / "model.keras")
+    seconds = time.monotonic() - start
+    history = [{"epoch": 1, "loss": summary["loss"], "val_loss": val_loss}]
+    _write_history(run_dir, history)
+    _atomic_write_text(run_dir / "checkpoints" / "state.json", json.dumps(
+        {"epoch": 1, "best_val_loss": val_loss, "best_epoch": 1, "wait": 0, "stopped_early": False,
+         "history": history, "seconds": seconds, "fit": summary}, indent=1))
+    log.info("linear-ae fitted in %.1f s: %.1f%% of the variance explained, val_loss %.5g",
+             seconds, 100 * summary["explained_variance"], val_loss)
+    return TrainResult(run_dir=run_dir, epochs_run=1, best_epoch=1, best_val_loss=val_loss, stopped_early=False,
+                       seconds=seconds, n_train=len(split.train), n_val=len(split.val), n_skipped=n_skipped)
+
+
 def _compile_args(model) -> dict:
     return {"loss": "mse"} if _needs_targets(model) else {}
 
@@ -449,7 +528,7 @@ def _write_run_files(run_dir: Path, config: TrainConfig, folder, split) -> None:
             "n_train": len(split.train),
             "n_val": len(split.val),
         },
-        "split": {"seed": split.seed, "val_fraction": split.val_fraction, "rule": split.rule},
+        "split": {"seed": split.seed, "val_fraction": split.val_fraction, "rule": split.rule, "groups": split.groups},
         "versions": versions(),
         "devices": devices(),
     }

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edge_inspect.errors import InputError
-from export.data import make_dataset, scan_folder, split_paths
+from export.data import make_dataset, near_duplicate_groups, scan_folder, split_paths
 from tests.support import write_parts
 
 
@@ -79,6 +79,37 @@ def test_split_keeps_one_image_on_each_side(tmp_path):
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     split = split_paths(tmp_path, paths, val_fraction=0.01, seed=0)
     assert len(split.train) == 1 and len(split.val) == 1
+
+
+def _textures(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([cv2.GaussianBlur(rng.uniform(size=(size, size)).astype(np.float32), (0, 0), 1.5) for _ in range(n)])
+
+
+def test_near_duplicates_are_grouped_in_any_orientation():
+    base = _textures(6)
+    turned = np.rot90(base[0], 1).copy()
+    mirrored = base[1][:, ::-1].copy()
+    noisy = base[2] + np.random.default_rng(1).normal(0, 0.002, base[2].shape).astype(np.float32)
+    images = np.concatenate([base, turned[None], mirrored[None], noisy[None]])
+    labels = near_duplicate_groups(images, block=4)  # blocks smaller than the set: the edges still meet
+    assert labels[6] == labels[0] and labels[7] == labels[1] and labels[8] == labels[2]
+    assert len(set(labels[:6])) == 6  # distinct textures stay apart
+    assert len(set(labels)) == 6
+
+
+def test_grouped_split_keeps_each_group_on_one_side(tmp_path):
+    paths = [tmp_path / f"img_{i:04d}.png" for i in range(400)]
+    groups = np.arange(400) // 4  # 100 groups of four views
+    split = split_paths(tmp_path, paths, val_fraction=0.2, seed=0, groups=groups)
+    side = {p: "val" for p in split.val} | {p: "train" for p in split.train}
+    for g in range(100):
+        assert len({side[p] for p, label in zip(paths, groups) if label == g}) == 1
+    assert 40 <= len(split.val) <= 130 and split.groups == 100 and "near-duplicate" in split.rule
+    # Ungrouped, the views of one part land on both sides.
+    plain = split_paths(tmp_path, paths, val_fraction=0.2, seed=0)
+    plain_side = {p: "val" for p in plain.val} | {p: "train" for p in plain.train}
+    assert any(len({plain_side[p] for p, label in zip(paths, groups) if label == g}) == 2 for g in range(100))
 
 
 def test_dataset_shuffles_with_seed(normal_dir):

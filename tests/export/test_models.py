@@ -18,6 +18,7 @@ from keras import layers  # noqa: E402
 
 from edge_inspect.errors import ConfigError  # noqa: E402
 from export.models import (  # noqa: E402
+    DEEP_KINDS,
     MODEL_KINDS,
     VAE,
     build_conv_ae,
@@ -203,7 +204,7 @@ def test_new_models_are_built(kind):
     assert model.get_build_config() == {"input_shape": (None, 28, 36, 1)}
 
 
-@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("kind", DEEP_KINDS)
 def test_seed_fixes_the_initial_weights(kind):
     def weights(seed):
         return [w.numpy() for w in build_model(kind, (16, 16), seed=seed).weights]
@@ -262,7 +263,7 @@ def test_vae_call_is_deterministic(builder):
 # ---------------------------------------------------------------- training
 
 
-@pytest.fixture(scope="module", params=MODEL_KINDS)
+@pytest.fixture(scope="module", params=DEEP_KINDS)
 def trained(request):
     """``(kind, model, history, images)`` after a few epochs on 16 discs."""
     kind = request.param

@@ -15,7 +15,7 @@ from export.to_onnx import FP32_TOLERANCE, export_run, subpixel_conv_transpose
 from tests.runtime.conftest import conv_ae_run, model_dir, tiny_base, tiny_run  # noqa: F401  (shared fixtures)
 
 
-@pytest.mark.parametrize("kind", ["conv-ae", "vae", "dilated-vae"])
+@pytest.mark.parametrize("kind", ["linear-ae", "conv-ae", "vae", "dilated-vae"])
 def test_each_model_kind_exports_with_parity(kind, tiny_base, tmp_path):  # noqa: F811
     out = tmp_path / "model"
     report = export_run(tiny_run(kind, tiny_base), out)

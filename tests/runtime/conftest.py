@@ -36,7 +36,7 @@ def tiny_run(kind: str, base: Path) -> Path:
 
         out = base / f"tiny-run-{kind}"
         config = TrainConfig(model=kind, normal_dir=str(_normal_parts(base)), out_dir=str(out), size=SIZE,
-                             epochs=1, batch_size=16, val_fraction=0.3, seed=0)
+                             epochs=1, batch_size=16, val_fraction=0.3, seed=0, components=32)
         train(config, progress=False)
         calibrate_run(out)
         _cache[key] = out
