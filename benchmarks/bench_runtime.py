@@ -52,10 +52,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from edge_inspect.calibrate import auc, is_anomalous, oriented  # noqa: E402
 from edge_inspect.card import load_card  # noqa: E402
-from edge_inspect.inspector import Inspector, iter_image_files  # noqa: E402
+from edge_inspect.inspector import Inspector  # noqa: E402
 from edge_inspect.kernels import CRITERIA  # noqa: E402
 from edge_inspect.preprocess import preprocess, read_image  # noqa: E402
 from edge_inspect.session import create_session, session_options  # noqa: E402
+from edge_inspect.sources.files import iter_image_files  # noqa: E402
 from tests.runtime import naive  # noqa: E402
 
 

@@ -82,7 +82,7 @@ def labelled_images(data: str | os.PathLike) -> tuple[list[Path], np.ndarray | N
         InputError: no such folder, no image in it, or only one of the two
             labelled subfolders.
     """
-    from edge_inspect.inspector import iter_image_files
+    from edge_inspect.sources.files import iter_image_files
 
     root = Path(data)
     if not root.is_dir():

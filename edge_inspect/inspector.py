@@ -5,10 +5,9 @@ preprocess (:mod:`edge_inspect.preprocess`, the definition training used),
 batch, reconstruct with the ONNX Runtime session (:mod:`edge_inspect.session`),
 compute every criterion and the anomaly map with the fused kernel
 (:mod:`edge_inspect.kernels`), and decide with the card's calibration
-(:mod:`edge_inspect.calibrate`). The core takes ``np.ndarray`` images only.
-The file source at the end of the module (:func:`iter_image_files`,
-:func:`inspect_files`) turns paths into arrays for ``edge-inspect predict``;
-it moves to ``edge_inspect/sources/`` when that package lands.
+(:mod:`edge_inspect.calibrate`). The core takes ``np.ndarray`` images only:
+paths, folders and cameras become arrays in :mod:`edge_inspect.sources`.
+The heatmap overlays at the end of the module draw a result's anomaly map.
 
     >>> inspector = Inspector.load("models/conv-ae", device="auto")
     >>> result = inspector.inspect(image)          # any (H, W[, C]) array
@@ -22,8 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from edge_inspect.calibrate import is_anomalous, oriented
 from edge_inspect.card import INPUT_NAME, OUTPUT_NAME, ModelCard, check_metadata, load_card, read_verified
 from edge_inspect.errors import ConfigError, EdgeInspectError, InputError, ModelCardError
 from edge_inspect.kernels import CRITERIA, criteria, criterion_index
-from edge_inspect.preprocess import is_image_name, preprocess, read_image
+from edge_inspect.preprocess import preprocess
 from edge_inspect.session import create_session
 
 log = logging.getLogger(__name__)
@@ -240,76 +238,6 @@ class Inspector:
                 anomaly_map=None if maps is None else maps[i],
             ))
         return results
-
-
-# ------------------------------------------------------------ files as a source
-
-
-def iter_image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The files to inspect: each file as given, each folder's images recursively.
-
-    Folders contribute the files with an image suffix
-    (:data:`edge_inspect.preprocess.IMAGE_SUFFIXES`), sorted; a file named
-    explicitly is kept whatever its suffix, and a path that does not exist
-    is kept too, so that it gets an ``error`` result of its own.
-
-    Raises:
-        InputError: nothing to inspect (no paths, or only empty folders).
-    """
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
-        else:
-            files.append(path)
-    if not files:
-        shown = ", ".join(str(p) for p in paths) or "(none)"
-        raise InputError(f"No image to inspect in {shown}. Expected image files or folders holding them.")
-    return files
-
-
-def inspect_files(inspector: Inspector, paths: Sequence[str | os.PathLike], *,
-                  keep_images: bool = False) -> Iterator[tuple[Result, np.ndarray | None]]:
-    """Read, decode and inspect files, one batch at a time, in order.
-
-    Decoding runs on a thread pool (OpenCV releases the GIL) while the
-    previous batch is inspected. A file that cannot be read or decoded gets
-    an ``error`` result with the reason; inspection goes on.
-
-    Args:
-        inspector: the loaded model.
-        paths: what :func:`iter_image_files` accepts.
-        keep_images: also yield each decoded image (for heatmap overlays);
-            otherwise ``None``.
-
-    Yields:
-        ``(result, image)`` per file, ``result.source`` being the path.
-    """
-    files = iter_image_files(paths)
-
-    def read(path: Path):
-        try:
-            return read_image(path), None
-        except EdgeInspectError as exc:
-            return None, str(exc)
-
-    size = inspector.batch_size
-    chunks = [files[i:i + size] for i in range(0, len(files), size)]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = pool.submit(lambda c: [read(p) for p in c], chunks[0])
-        for k, chunk in enumerate(chunks):
-            decoded = pending.result()
-            if k + 1 < len(chunks):
-                pending = pool.submit(lambda c: [read(p) for p in c], chunks[k + 1])
-            good = [i for i, (image, _) in enumerate(decoded) if image is not None]
-            inspected = iter(inspector.inspect_batch([decoded[i][0] for i in good], [str(chunk[i]) for i in good]))
-            for i, (image, reason) in enumerate(decoded):
-                if image is None:
-                    result = Result("error", None, float(inspector.entry["threshold"]), inspector.criterion,
-                                    source=str(chunk[i]), error=reason)
-                else:
-                    result = next(inspected)
-                yield result, (image if keep_images else None)
 
 
 #: |residual| shown at full colour in overlays: a fixed scale, so that

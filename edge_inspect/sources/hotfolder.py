@@ -1,0 +1,455 @@
+"""The hot folder: files dropped in a folder, yielded once each is complete.
+
+A machine, a camera PC or an operator drops part images into a folder; this
+module yields each file as a :class:`FileItem` once it is complete, never
+while it is still being written. Two ways to tell:
+
+- events (the default, Linux inotify through watchdog): a file is complete
+  when the writer closes it after writing (``IN_CLOSE_WRITE``) or when it is
+  renamed or moved into the folder. Creation and modification events do not
+  count: a writer pausing between chunks would otherwise be read early.
+- polling (``poll=SECONDS``, for network shares, where no events arrive): a
+  file is complete once its size and mtime have held still for ``settle``
+  seconds.
+
+Writers should write under an ignored name (``x.png.part``, ``x.tmp``, a
+dotfile) and rename into place, or write the file in one open-write-close.
+
+    >>> with HotFolder("/srv/edge-inspect/incoming", exclude=["ok", "ng"]) as folder:
+    ...     for item in folder:                    # blocks, waiting for files
+    ...         print(item.path, item.size)
+    /srv/edge-inspect/incoming/part-0001.png 48211
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import queue
+import re
+import stat
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileMovedEvent, FileSystemEventHandler
+
+from edge_inspect.errors import ConfigError, SourceError
+
+log = logging.getLogger(__name__)
+
+#: Names never yielded: hidden files and the usual partial-download suffixes.
+DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "*~")
+
+#: How often the event-mode iterator checks that the observer thread lives.
+_LIVENESS_S = 2.0
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class FileItem:
+    """A complete file in a hot folder, ready to be read.
+
+    Attributes:
+        path: absolute path, under the folder as given (symlinks not resolved).
+        size: ``st_size`` when it was judged complete.
+        mtime_ns: ``st_mtime_ns`` when it was judged complete.
+    """
+
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+class HotFolder:
+    """Yield the files arriving in a folder, each once it is complete.
+
+    Iterate a hot folder once: it blocks, waiting for files, until
+    :meth:`stop` is called (from any thread, a signal handler included) or
+    the folder itself goes away.
+    A file may be yielded more than once (found by the backlog scan and by
+    an event at start, or rewritten later): the consumer deduplicates, the
+    watch pipeline with its ledger.
+
+    Args:
+        folder: the folder to watch; must exist and be a readable directory.
+        poll: ``None`` to use inotify events (Linux); ``SECONDS`` to scan the
+            folder every so often instead, for network shares (NFS, SMB)
+            where events from other machines never arrive.
+        settle: seconds a file's size and mtime must hold still before it is
+            yielded, in poll mode and for backlog files modified less than
+            ``settle`` seconds before the start in event mode.
+        ignore: ``fnmatch`` patterns on the file name, compared
+            case-insensitively; a directory whose name matches, or whose name
+            starts with a dot, is not descended into. Every other regular
+            file is yielded, images or not, so that a stray file gets an
+            error verdict downstream instead of lying there unnoticed.
+        backlog: first yield the files already in the folder at start,
+            oldest mtime first (ties by name). True by default because the
+            ledger deduplicates files already inspected: restarting after a
+            crash or a power cut catches up with the files that arrived while
+            the service was down, and inspects nothing twice.
+        recursive: also watch sub-folders.
+        exclude: sub-folders never yielded from (the watch pipeline sorts
+            files into ``ok/``, ``ng/`` and ``error/`` inside the watched
+            folder): absolute paths, or relative ones, taken both from the
+            working directory and from ``folder``.
+
+    Raises:
+        SourceError: ``folder`` is missing, not a directory or not readable;
+            while iterating in event mode, the folder was removed or cannot
+            be watched (inotify limits). In poll mode a folder that cannot
+            be listed any more (a network share gone) is logged and polled
+            again until it comes back.
+        ConfigError: ``poll`` or ``settle`` out of range.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, poll: float | None = None, settle: float = 1.0,
+                 ignore: Sequence[str] = DEFAULT_IGNORE, backlog: bool = True, recursive: bool = False,
+                 exclude: Sequence[str | os.PathLike] = ()):
+        if poll is not None and not poll > 0:
+            raise ConfigError(f"Hot folder poll interval must be a positive number of seconds, got {poll!r}.")
+        if not settle >= 0:
+            raise ConfigError(f"Hot folder settle time must be zero or more seconds, got {settle!r}.")
+        self.folder = Path(os.path.abspath(folder))
+        _check_folder(self.folder)
+        self.poll = poll
+        self.settle = float(settle)
+        self.ignore = tuple(p.lower() for p in ignore)
+        self._ignore_re = re.compile("|".join(fnmatch.translate(p) for p in self.ignore) or r"(?!)", re.DOTALL)
+        self.backlog = backlog
+        self.recursive = recursive
+        excluded: list[Path] = []
+        for sub in map(Path, exclude):
+            # A relative sub-folder may be meant from the working directory (a
+            # path given on the command line) or from the folder: exclude both.
+            excluded.append(Path(os.path.abspath(sub)))
+            if not sub.is_absolute():
+                excluded.append(Path(os.path.abspath(self.folder / sub)))
+        self.exclude = tuple(dict.fromkeys(excluded))
+        # A SimpleQueue, whose put() is reentrant: stop() may run in a signal
+        # handler that interrupted the iterating thread inside get().
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._observer = None
+        self._observer_stopped = False
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> "HotFolder":
+        if self.poll is None:
+            self._start_observer()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self._stop_observer(join=True)
+
+    def stop(self) -> None:
+        """Make the iterator return promptly.
+
+        Safe from any thread, from a signal handler, and more than once. The
+        iterating thread stops the observer on its way out; leaving the
+        ``with`` block also waits for the observer thread to end.
+        """
+        self._stopping.set()
+        self._queue.put(_STOP)
+
+    def _stop_observer(self, join: bool = False) -> None:
+        with self._lock:
+            observer, first = self._observer, not self._observer_stopped
+            self._observer_stopped = True
+        if observer is None:
+            return
+        if first:
+            observer.stop()
+        if join and observer.is_alive():
+            observer.join(timeout=5.0)
+
+    def __iter__(self) -> Iterator[FileItem]:
+        if self.poll is None:
+            return self._events()
+        return self._polls()
+
+    # ------------------------------------------------------------ filtering
+
+    def _wanted(self, path: Path) -> bool:
+        """True when ``path`` lies where files are taken from and its name is not ignored."""
+        return path != self.folder and self._wanted_dir(path.parent) and not self._ignored(path.name)
+
+    def _wanted_dir(self, folder: Path) -> bool:
+        """True when files are taken from ``folder``: the hot folder, or a sub-folder when recursive."""
+        try:
+            parts = folder.relative_to(self.folder).parts
+        except ValueError:
+            return False
+        if parts and not self.recursive:
+            return False
+        return not any(folder.is_relative_to(e) for e in self.exclude) and not any(map(self._skipped_dir, parts))
+
+    def _ignored(self, name: str) -> bool:
+        return self._ignore_re.match(name.lower()) is not None
+
+    def _skipped_dir(self, name: str) -> bool:
+        # Hidden folders hold state, the watch ledger's included: never descend.
+        return name.startswith(".") or self._ignored(name)
+
+    def _item(self, path: Path, entry: os.DirEntry | None = None) -> FileItem | None:
+        """The file's :class:`FileItem`, or None when it is gone or not a regular file."""
+        try:
+            st = entry.stat() if entry is not None else os.stat(path)
+        except OSError as exc:
+            log.debug("Skipping %s: %s", path, exc)
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return FileItem(path, st.st_size, st.st_mtime_ns)
+
+    def _scan(self, top: Path | None = None) -> list[FileItem]:
+        """The wanted regular files under ``top`` (default: the folder), oldest mtime first, ties by name.
+
+        Raises:
+            OSError: the folder itself cannot be listed (sub-folders that
+                cannot are logged and skipped).
+        """
+        items: list[FileItem] = []
+        pending = [top or self.folder]
+        while pending and not self._stopping.is_set():
+            current = pending.pop()
+            try:
+                entries = list(os.scandir(current))
+            except OSError as exc:
+                if current == self.folder:
+                    raise
+                log.warning("Cannot list %s (%s); skipping it", current, exc)
+                continue
+            # Only wanted folders are listed, so a file's name is all there is to check.
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    continue
+                if is_dir:
+                    path = Path(entry.path)
+                    if (self.recursive and not self._skipped_dir(entry.name)
+                            and not any(path.is_relative_to(e) for e in self.exclude)):
+                        pending.append(path)
+                elif not self._ignored(entry.name):
+                    item = self._item(Path(entry.path), entry)
+                    if item is not None:
+                        items.append(item)
+        items.sort(key=lambda i: (i.mtime_ns, i.path.name, str(i.path)))
+        return items
+
+    # ------------------------------------------------------------ events
+
+    def _start_observer(self) -> None:
+        with self._lock:
+            if self._observer is not None or self._observer_stopped or self._stopping.is_set():
+                return
+            if not sys.platform.startswith("linux"):
+                raise SourceError(
+                    f"Hot folder {self.folder}: event mode needs Linux inotify (close-after-write events), "
+                    f"and this is {sys.platform}. Poll the folder instead (poll=SECONDS, --poll on the CLI)."
+                )
+            from watchdog.observers.inotify import InotifyObserver
+
+            try:
+                # Full events: a file moved in from outside the watched tree
+                # arrives as a move with an empty source, not as a creation.
+                observer = InotifyObserver(generate_full_events=True)
+                observer.schedule(_Handler(self), str(self.folder), recursive=self.recursive,
+                                  event_filter=[FileClosedEvent, FileMovedEvent, DirMovedEvent, DirDeletedEvent])
+                observer.start()
+            except OSError as exc:
+                raise SourceError(
+                    f"Cannot watch {self.folder} for new files: {exc}. If inotify limits are reached, raise "
+                    "fs.inotify.max_user_watches / max_user_instances (sysctl), or poll the folder (--poll SECONDS)."
+                ) from exc
+            self._observer = observer
+
+    def _events(self) -> Iterator[FileItem]:
+        self._start_observer()  # first, so that no file falls between the scan and the watch
+        try:
+            pending: dict[Path, tuple[tuple[int, int], float]] = {}
+            if self.backlog:
+                pending = yield from self._backlog_events()
+            while not self._stopping.is_set():
+                timeout = _LIVENESS_S
+                if pending:
+                    timeout = min(timeout, max(0.05, min(t for _, t in pending.values()) + self.settle
+                                               - time.monotonic()))
+                try:
+                    message = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    message = None
+                if message is _STOP or self._stopping.is_set():
+                    return
+                if isinstance(message, BaseException):
+                    raise message
+                if isinstance(message, FileItem):
+                    pending.pop(message.path, None)
+                    yield message
+                if pending:
+                    yield from self._settled(pending)
+                if message is None and not self._stopping.is_set() and not self._watching():
+                    raise SourceError(f"The watch on {self.folder} ended unexpectedly. Restart to watch again.")
+        finally:
+            self._stop_observer()
+
+    def _watching(self) -> bool:
+        observer = self._observer
+        return observer.is_alive() and all(emitter.is_alive() for emitter in observer.emitters)
+
+    def _backlog_events(self):
+        """Yield the backlog's settled files; return the recent ones, to be settled."""
+        try:
+            items = self._scan()
+        except OSError as exc:
+            raise SourceError(f"Cannot list hot folder {self.folder}: {exc}. Check its permissions.") from exc
+        # A file modified within `settle` seconds may still be open for writing:
+        # it is yielded by its close event, or once it has held still.
+        recent_ns = time.time_ns() - int(self.settle * 1e9)
+        pending: dict[Path, tuple[tuple[int, int], float]] = {}
+        now = time.monotonic()
+        log.info("Hot folder %s: %d files waiting at start", self.folder, len(items))
+        for item in items:
+            if self._stopping.is_set():
+                break
+            if item.mtime_ns > recent_ns:
+                pending[item.path] = ((item.size, item.mtime_ns), now)
+            else:
+                yield item
+        return pending
+
+    def _settled(self, pending: dict[Path, tuple[tuple[int, int], float]]) -> Iterator[FileItem]:
+        now = time.monotonic()
+        for path, (signature, since) in list(pending.items()):
+            item = self._item(path)
+            if item is None:
+                del pending[path]
+            elif (item.size, item.mtime_ns) != signature:
+                pending[path] = ((item.size, item.mtime_ns), now)
+            elif now - since >= self.settle:
+                del pending[path]
+                yield item
+
+    # ------------------------------------------------------------ polling
+
+    def _polls(self) -> Iterator[FileItem]:
+        # path -> (size, mtime_ns) of the last yield, or of the start without backlog
+        done: dict[Path, tuple[int, int]] = {}
+        # path -> ((size, mtime_ns), monotonic time first seen so)
+        pending: dict[Path, tuple[tuple[int, int], float]] = {}
+        first, failing = True, False
+        while not self._stopping.is_set():
+            try:
+                items = self._scan()
+            except OSError as exc:
+                # A network share can come back: say so once, keep polling.
+                if not failing:
+                    log.warning("Cannot list hot folder %s (%s); retrying every %.3g s", self.folder, exc, self.poll)
+                failing = True
+                items = None
+            if items is not None:
+                if failing:
+                    log.info("Hot folder %s readable again", self.folder)
+                failing = False
+                now = time.monotonic()
+                seen = set()
+                ready = []
+                for item in items:
+                    signature = (item.size, item.mtime_ns)
+                    seen.add(item.path)
+                    if first and not self.backlog:
+                        done[item.path] = signature
+                    if done.get(item.path) == signature:
+                        continue
+                    previous = pending.get(item.path)
+                    if previous is None or previous[0] != signature:
+                        pending[item.path] = (signature, now)
+                        previous = pending[item.path]
+                    if now - previous[1] >= self.settle:
+                        ready.append(item)
+                for path in [p for p in pending if p not in seen]:
+                    del pending[path]
+                for path in [p for p in done if p not in seen]:
+                    del done[path]
+                first = False
+                for item in ready:  # already oldest first
+                    if self._stopping.is_set():
+                        return
+                    del pending[item.path]
+                    done[item.path] = (item.size, item.mtime_ns)
+                    yield item
+            wait = self.poll
+            if pending:
+                wait = min(wait, max(0.01, min(t for _, t in pending.values()) + self.settle - time.monotonic()))
+            try:
+                if self._queue.get(timeout=wait) is _STOP:
+                    return
+            except queue.Empty:
+                pass
+
+
+class _Handler(FileSystemEventHandler):
+    """Turns the observer's events into :class:`FileItem` s on the hot folder's queue.
+
+    Runs on the observer thread. It must not raise: an exception there ends
+    the observer thread silently, so it goes on the queue, for the iterator
+    to raise.
+    """
+
+    def __init__(self, hot: HotFolder):
+        super().__init__()
+        self.hot = hot
+
+    def dispatch(self, event) -> None:
+        try:
+            self._handle(event)
+        except Exception as exc:  # noqa: BLE001  (re-raised by the iterator, on the consumer's thread)
+            self.hot._queue.put(exc)
+
+    def _handle(self, event) -> None:
+        hot = self.hot
+        if isinstance(event, FileClosedEvent):
+            self._offer(event.src_path)
+        elif isinstance(event, FileMovedEvent):
+            if event.dest_path:
+                self._offer(event.dest_path)
+        elif isinstance(event, DirMovedEvent):
+            # A folder moved in from outside the watched tree brings its files
+            # without an event each (moves inside the tree have sub-events).
+            dest = Path(os.fsdecode(event.dest_path)) if event.dest_path else None
+            source = Path(os.fsdecode(event.src_path)) if event.src_path else None
+            if (dest is not None and hot._wanted_dir(dest)
+                    and (source is None or not source.is_relative_to(hot.folder))):
+                for item in hot._scan(dest):
+                    hot._queue.put(item)
+        elif isinstance(event, DirDeletedEvent):
+            if Path(os.fsdecode(event.src_path)) == hot.folder:
+                hot._queue.put(SourceError(
+                    f"Hot folder {hot.folder} was removed or unmounted while watched. Restore it and restart."
+                ))
+
+    def _offer(self, raw: str | bytes) -> None:
+        path = Path(os.fsdecode(raw))
+        if self.hot._wanted(path):
+            item = self.hot._item(path)
+            if item is not None:
+                self.hot._queue.put(item)
+
+
+def _check_folder(folder: Path) -> None:
+    """Raise :class:`SourceError` unless ``folder`` is a readable directory."""
+    if not folder.exists():
+        raise SourceError(f"Hot folder {folder} does not exist. Create it, or pass the folder the parts arrive in.")
+    if not folder.is_dir():
+        raise SourceError(f"Hot folder {folder} is a file, not a folder. Pass the folder the parts arrive in.")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise SourceError(f"Hot folder {folder} is not readable by this user. Check its owner and permissions.")

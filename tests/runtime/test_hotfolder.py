@@ -1,0 +1,288 @@
+"""The hot folder on a real filesystem, with real writer threads, in event (inotify) and poll mode.
+
+Waits poll for a condition with generous deadlines, so that a loaded
+machine slows the tests down without failing them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_inspect.errors import SourceError
+from edge_inspect.sources import FileItem, HotFolder
+
+DEADLINE_S = 60.0
+MODES = {
+    "event": dict(poll=None, settle=0.5),
+    # Poll pauses of the slow writer (0.1 s) stay well below `settle`.
+    "poll": dict(poll=0.05, settle=1.5),
+}
+
+
+class Collector:
+    """Iterates a hot folder on a thread of its own, recording what it yields and when.
+
+    Enters the hot folder's context first, as the watch pipeline does: in
+    event mode, watching starts there, before the collector thread runs.
+    """
+
+    def __init__(self, hot: HotFolder):
+        self.hot = hot.__enter__()
+        self.items: list[FileItem] = []
+        self.received: dict[Path, list[float]] = {}
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            for item in self.hot:
+                with self._lock:
+                    self.items.append(item)
+                    self.received.setdefault(item.path, []).append(time.monotonic())
+        except BaseException as exc:  # noqa: BLE001  (the test asserts on it)
+            self.error = exc
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [i.path.relative_to(self.hot.folder).as_posix() for i in self.items]
+
+    def wait_for(self, predicate, what: str, deadline: float = DEADLINE_S):
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if predicate():
+                return
+            if self.error is not None:
+                raise AssertionError(f"the hot folder failed while waiting for {what}") from self.error
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}; yielded so far: {self.names()}")
+
+    def stop(self):
+        self.hot.stop()
+        self.thread.join(DEADLINE_S)
+        assert not self.thread.is_alive(), "the iterator did not return after stop()"
+        self.hot.__exit__(None, None, None)
+
+
+@pytest.fixture
+def watched(tmp_path):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    collectors = []
+
+    def start(**kwargs) -> Collector:
+        collector = Collector(HotFolder(folder, **kwargs))
+        collectors.append(collector)
+        return collector
+
+    yield folder, start
+    for collector in collectors:
+        collector.stop()
+
+
+def _write_slowly(path: Path, chunks: int, pause: float, done: dict):
+    with open(path, "wb") as f:
+        for k in range(chunks):
+            f.write(bytes([k]) * 4096)
+            f.flush()
+            time.sleep(pause)
+    done["closed_at"] = time.monotonic()
+
+
+def _wait_started(collector: Collector):
+    """Give the hot folder a file, to prove it is watching."""
+    probe = collector.hot.folder / "probe.bin"
+    probe.write_bytes(b"probe")
+    collector.wait_for(lambda: "probe.bin" in collector.names(), "the start probe")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_file_written_slowly_in_chunks_is_yielded_once_complete(watched, mode):
+    folder, start = watched
+    collector = start(**MODES[mode])
+    _wait_started(collector)
+    target, done = folder / "slow.png", {}
+    writer = threading.Thread(target=_write_slowly, args=(target, 12, 0.1, done))
+    writer.start()
+    writer.join(DEADLINE_S)
+    collector.wait_for(lambda: target in collector.received, "the slow file")
+    # One more file after it: once that one is through, a late duplicate would be too.
+    (folder / "after.png").write_bytes(b"after")
+    collector.wait_for(lambda: "after.png" in collector.names(), "the file after")
+
+    assert collector.names().count("slow.png") == 1
+    item = next(i for i in collector.items if i.path == target)
+    assert item.size == 12 * 4096 == target.stat().st_size
+    assert item.mtime_ns == target.stat().st_mtime_ns
+    assert collector.received[target][0] >= done["closed_at"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rename_into_place_yields_once_and_partial_hidden_excluded_names_never(watched, mode):
+    folder, start = watched
+    (folder / "ok").mkdir()
+    os.mkfifo(folder / "pipe.png")  # not a regular file: never yielded (reading it would block)
+    collector = start(**MODES[mode], exclude=["ok"])
+    _wait_started(collector)
+
+    with open(folder / "x.tmp", "wb") as f:
+        f.write(b"x" * 1000)
+    os.rename(folder / "x.tmp", folder / "x.png")
+    for name in ("y.png.part", "z.tmp", ".hidden.png", "w.crdownload", "v.png~", "ok/sorted.png"):
+        (folder / name).write_bytes(b"never")
+    outside = folder.parent / "staged.png"
+    outside.write_bytes(b"moved in from another folder")
+    os.rename(outside, folder / "staged.png")
+    (folder / "last.png").write_bytes(b"last")
+    collector.wait_for(lambda: "last.png" in collector.names(), "the last file")
+
+    names = collector.names()
+    assert sorted(names) == ["last.png", "probe.bin", "staged.png", "x.png"]
+    x = next(i for i in collector.items if i.path.name == "x.png")
+    assert (x.size, x.path) == (1000, folder / "x.png")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_burst_of_files_is_yielded_completely(watched, mode):
+    folder, start = watched
+    kwargs = dict(MODES[mode], settle=0.2) if mode == "poll" else MODES[mode]
+    collector = start(**kwargs)
+    _wait_started(collector)
+    expected = {f"part-{k:04d}.png" for k in range(300)}
+
+    def burst():
+        for name in sorted(expected):
+            (folder / name).write_bytes(name.encode() * 50)
+
+    writer = threading.Thread(target=burst)
+    writer.start()
+    writer.join(DEADLINE_S)
+    collector.wait_for(lambda: expected <= set(collector.names()), "all 300 files")
+    assert set(collector.names()) == expected | {"probe.bin"}
+    for item in collector.items:
+        assert item.size == item.path.stat().st_size
+
+
+def _backlog(folder: Path) -> list[str]:
+    """Files with mtimes out of name order; the two 'b' and 'a' share theirs."""
+    now = time.time()
+    ages = {"c.png": 300, "b.png": 200, "a.png": 200, "d.bin": 100}
+    for name, age in ages.items():
+        (folder / name).write_bytes(name.encode())
+        os.utime(folder / name, (now - age, now - age))
+    return ["c.png", "a.png", "b.png", "d.bin"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backlog_is_yielded_first_oldest_first_ties_by_name(watched, mode):
+    folder, start = watched
+    expected = _backlog(folder)
+    collector = start(**dict(MODES[mode], settle=0.1))
+    collector.wait_for(lambda: len(collector.names()) >= 4, "the backlog")
+    (folder / "new.png").write_bytes(b"new")
+    collector.wait_for(lambda: "new.png" in collector.names(), "the new file")
+    assert collector.names() == [*expected, "new.png"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_without_backlog_only_new_files_are_yielded(watched, mode):
+    folder, start = watched
+    _backlog(folder)
+    collector = start(**dict(MODES[mode], settle=0.1), backlog=False)
+    if mode == "event":
+        _wait_started(collector)
+    else:
+        time.sleep(0.5)  # a few scans see the old files first
+    (folder / "new.png").write_bytes(b"new")
+    collector.wait_for(lambda: "new.png" in collector.names(), "the new file")
+    (folder / "a.png").write_bytes(b"rewritten")  # an old file rewritten counts as new
+    collector.wait_for(lambda: "a.png" in collector.names(), "the rewritten file")
+    assert set(collector.names()) - {"probe.bin"} == {"new.png", "a.png"}
+
+
+def test_event_mode_yields_a_file_written_just_before_the_start(watched):
+    """No close event will come for it: it is yielded once it has held still for `settle`."""
+    folder, start = watched
+    (folder / "just-now.png").write_bytes(b"written a moment before the service started")
+    collector = start(poll=None, settle=0.3)
+    collector.wait_for(lambda: "just-now.png" in collector.names(), "the recent backlog file")
+    assert collector.names() == ["just-now.png"]
+
+
+def test_recursive_watch_skips_excluded_and_hidden_folders(watched):
+    folder, start = watched
+    for sub in ("lineA", "ok", ".edge-inspect", "lineA/ng"):
+        (folder / sub).mkdir()
+    (folder / "lineA" / "old.png").write_bytes(b"old")
+    os.utime(folder / "lineA" / "old.png", (time.time() - 60, time.time() - 60))
+    collector = start(poll=None, settle=0.1, recursive=True, exclude=[folder / "ok", "lineA/ng"])
+    collector.wait_for(lambda: "lineA/old.png" in collector.names(), "the backlog in a sub-folder")
+    (folder / "lineA" / "new.png").write_bytes(b"new")
+    (folder / "ok" / "sorted.png").write_bytes(b"sorted")
+    (folder / "lineA" / "ng" / "sorted.png").write_bytes(b"sorted")
+    (folder / ".edge-inspect" / "ledger.sqlite").write_bytes(b"state")
+    os.rename(folder / "lineA" / "old.png", folder / "ok" / "old.png")  # sorted away: no new arrival
+    (folder / "last.png").write_bytes(b"last")
+    collector.wait_for(lambda: "last.png" in collector.names(), "the last file")
+    assert sorted(collector.names()) == ["last.png", "lineA/new.png", "lineA/old.png"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stop_from_another_thread_ends_the_iteration(watched, mode):
+    folder, start = watched
+    collector = start(**MODES[mode])
+    if mode == "event":
+        _wait_started(collector)
+    collector.stop()  # joins with a deadline and asserts the thread ended
+    assert collector.error is None
+
+
+def test_stop_from_a_signal_handler_ends_iteration_on_the_main_thread(tmp_path):
+    hot = HotFolder(tmp_path)
+    previous = signal.signal(signal.SIGALRM, lambda *_: hot.stop())
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        items = list(hot)  # blocks until the handler stops it
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert items == []
+
+
+def test_context_manager_joins_the_observer_thread(tmp_path):
+    def watchdog_threads():
+        return [t for t in threading.enumerate() if type(t).__module__.startswith("watchdog") and t.is_alive()]
+
+    before = set(watchdog_threads())
+    with HotFolder(tmp_path) as hot:
+        assert set(watchdog_threads()) - before  # watching from the start of the block
+        (tmp_path / "a.png").write_bytes(b"a")
+        first = next(iter(hot))
+    assert first.path == tmp_path / "a.png"
+    assert set(watchdog_threads()) - before == set()
+
+
+def test_the_folder_removed_while_watched_raises_source_error(watched):
+    folder, start = watched
+    collector = start(poll=None)
+    _wait_started(collector)
+    (folder / "probe.bin").unlink()
+    folder.rmdir()
+    collector.wait_for(lambda: collector.error is not None, "the error")
+    assert isinstance(collector.error, SourceError)
+    assert "removed" in str(collector.error)
+
+
+def test_a_missing_folder_or_a_file_is_refused_with_a_clear_message(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        HotFolder(tmp_path / "nowhere")
+    (tmp_path / "file.png").write_bytes(b"x")
+    with pytest.raises(SourceError, match="is a file, not a folder"):
+        HotFolder(tmp_path / "file.png", poll=1.0)
