@@ -6,8 +6,11 @@ images, float32 reconstructions):
 - kernel: ``edge_inspect.kernels.criteria`` (after a warm-up call for the
   JIT), without and with the anomaly map, on numba's threads (one image per
   thread), and again on one thread;
+- smooth_* part: the kernel's third pass alone (``_smooth_extremes``, the
+  Gaussian-smoothed extremes), in a parallel loop like the kernel's, so
+  that its share of the kernel time is measured in the same run;
 - reference: the plain NumPy/SciPy twins of ``tests/runtime/naive.py``, all
-  eleven criteria, image by image (``naive.NUMPY_TWINS``: with NumPy's sums
+  criteria, image by image (``naive.NUMPY_TWINS``: with NumPy's sums
   for mean and cumsum, not the exact but slow ``math.fsum`` the tests use);
 - floor: one NumPy pass over the same input bytes,
   ``np.subtract(images, recons, out=buf)``: reads the uint8 image and the
@@ -36,8 +39,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from edge_inspect.kernels import CRITERIA, criteria  # noqa: E402
+from edge_inspect.kernels import _SMOOTH_WEIGHTS, CRITERIA, _smooth_extremes, criteria  # noqa: E402
 from tests.runtime import naive  # noqa: E402
+
+
+@numba.njit(parallel=True)
+def smooth_part(images, recons, scale, height, width, weights, out):
+    """The smooth_* pass of the kernel alone, one image per thread, on rows
+    ``out`` that already hold the other criteria (as in the kernel)."""
+    for i in numba.prange(images.shape[0]):
+        _smooth_extremes(images[i], recons[i], scale, height, width, weights, out[i])
 
 
 def best_times(fns: dict, repeats: int) -> dict:
@@ -91,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     criteria(images, recons, return_map=True)
 
     threads = numba.get_num_threads()
+    flat_images = images.reshape(n, -1)
+    flat_recons = recons.reshape(n, -1)
+    smooth_out = got.copy()
+    smooth = lambda: smooth_part(  # noqa: E731
+        flat_images, flat_recons, 1.0 / 255.0, args.size, args.size, _SMOOTH_WEIGHTS, smooth_out
+    )
+    smooth()  # JIT compile
 
     def one_thread():
         numba.set_num_threads(1)
@@ -104,11 +122,15 @@ def main(argv: list[str] | None = None) -> int:
             "kernel": lambda: criteria(images, recons),
             "map": lambda: criteria(images, recons, return_map=True),
             "kernel1": one_thread,
+            "smooth": smooth,
             "floor": lambda: np.subtract(images, recons, out=buf),
         },
         args.repeats,
     )
-    t_kernel, t_map, t_one, t_floor = (fast[k] / n for k in ("kernel", "map", "kernel1", "floor"))
+    t_kernel, t_map, t_one, t_smooth, t_floor = (
+        fast[k] / n for k in ("kernel", "map", "kernel1", "smooth", "floor")
+    )
+    same = np.array_equal(smooth_out, got, equal_nan=True)
     reference = lambda: naive.criteria(images, recons, twins=naive.NUMPY_TWINS)  # noqa: E731
     t_ref = best_times({"ref": reference}, args.ref_repeats)["ref"] / n
 
@@ -126,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"kernel, {threads} threads", t_kernel),
         (f"kernel + map, {threads} thr.", t_map),
         ("kernel, 1 thread", t_one),
+        (f"smooth_* pass, {threads} thr.", t_smooth),
         ("reference (twins)", t_ref),
         ("floor (np.subtract)", t_floor),
     ]:
@@ -134,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kernel / floor:     {t_kernel / t_floor:8.2f}x   (target <= 3x)")
     print(f"kernel+map / floor: {t_map / t_floor:8.2f}x")
     print(f"kernel, 1 thread / floor: {t_one / t_floor:5.2f}x   (both single-threaded)")
+    print(f"smooth_* pass / kernel: {t_smooth / t_kernel:7.2f}   (kernel with / without it: "
+          f"{t_kernel / max(t_kernel - t_smooth, 1e-12):.2f}x; same scores alone: {same})")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           "(other processes; above the CPU count, expect the parallel kernel to suffer most)")
     print(f"kernel vs twins, worst relative difference over {len(CRITERIA)} criteria: {worst:.1e}")

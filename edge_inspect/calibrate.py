@@ -9,7 +9,7 @@ anomalous images too ("few-shot"), it also learns each polarity from the data
 and picks the criterion that separates best.
 
     >>> from edge_inspect.calibrate import calibrate, is_anomalous
-    >>> cal = calibrate(scores, CRITERIA)                   # (N, 11) normal scores
+    >>> cal = calibrate(scores, CRITERIA)                   # (N, 14) normal scores
     >>> entry = cal["criteria"][cal["default_criterion"]]
     >>> is_anomalous(new_scores[:, CRITERIA.index("range")], entry)
 
@@ -23,9 +23,11 @@ Default polarities (label-free). A defect adds a local residual of either
 sign: a dark blow hole gives negative r, a bright burr positive r. So
 measures of spread or tail weight grow either way ("high": std, variance,
 range, max, mse, kurtosis, entropy; max because bright defects dominate it
-and dark ones never lower it), the minimum falls ("low": min), and signed
-location or asymmetry measures move in the defect's direction, unknown
-beforehand ("two-sided": mean, skewness, cumsum). Criteria added later
+and dark ones never lower it), the minimum falls ("low": min), the extremes
+of the smoothed residual follow the raw ones ("high": smooth_max,
+smooth_range; "low": smooth_min), and signed location or asymmetry
+measures move in the defect's direction, unknown beforehand ("two-sided":
+mean, skewness, cumsum). Criteria added later
 without an entry in :data:`DEFAULT_POLARITY` are "two-sided", which assumes
 no direction.
 
@@ -69,7 +71,7 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 #: Fewest normal images calibration accepts; more is much better.
 MIN_NORMAL = 10
 #: The criterion of the label-free mode (the paper's best), unless configured.
-DEFAULT_CRITERION = "range"
+DEFAULT_CRITERION = "smooth_range"
 #: Label-free polarity of the criteria of ``edge_inspect.kernels.CRITERIA``.
 DEFAULT_POLARITY = {
     "mean": "two-sided",
@@ -83,6 +85,9 @@ DEFAULT_POLARITY = {
     "cumsum": "two-sided",
     "mse": "high",
     "entropy": "high",
+    "smooth_min": "low",
+    "smooth_max": "high",
+    "smooth_range": "high",
 }
 #: Few-shot: share of anomalous scores on one side of the normal median
 #: needed to call a criterion one-sided.

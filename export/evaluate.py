@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,8 @@ import numpy as np
 from edge_inspect.calibrate import load_calibration, oriented
 from edge_inspect.errors import InputError, ModelCardError
 from edge_inspect.kernels import CRITERIA
+
+log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ("auc_roc", "auc_pr", "f1", "accuracy", "false_alarm_rate", "recall", "f1_oracle", "accuracy_oracle")
 
@@ -117,7 +120,12 @@ def evaluate(
     raw = score_paths(run, paths, batch_size=batch_size, on_batch=on_batch)
 
     metrics, oriented_scores = {}, {}
-    for j, name in enumerate(CRITERIA):
+    names = [name for name in CRITERIA if name in calibration["criteria"]]
+    if len(names) < len(CRITERIA):
+        log.warning("%s has no calibration for %s (calibrated before they existed); recalibrate with: "
+                    "edge-inspect calibrate %s", cal_path, ", ".join(sorted(set(CRITERIA) - set(names))), run_dir)
+    for name in names:
+        j = CRITERIA.index(name)
         entry = calibration["criteria"][name]
         oriented_scores[name] = oriented(raw[:, j], entry)
         metrics[name] = criterion_metrics(labels, oriented_scores[name], entry["threshold"])
@@ -136,7 +144,7 @@ def evaluate(
     write_tables(result, out)
     from export import plots
 
-    thresholds = {name: calibration["criteria"][name]["threshold"] for name in CRITERIA}
+    thresholds = {name: calibration["criteria"][name]["threshold"] for name in names}
     plots.curves(labels, oriented_scores, result.default_criterion, out)
     plots.histograms(labels, oriented_scores, thresholds, out / "histograms.png")
     name = result.default_criterion

@@ -18,7 +18,7 @@ runner = CliRunner()
 
 def test_train_leaves_a_label_free_calibration(trained_run):
     cal = load_calibration(trained_run / "calibration.json")
-    assert cal["mode"] == "label-free" and cal["default_criterion"] == "range"
+    assert cal["mode"] == "label-free" and cal["default_criterion"] == "smooth_range"
     assert set(cal["criteria"]) == set(CRITERIA)
     split = json.loads((trained_run / "split.json").read_text())
     assert cal["n_normal"] == len(split["val"])

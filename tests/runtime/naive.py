@@ -1,8 +1,9 @@
 """Plain NumPy/SciPy twins of the criteria kernels (test support).
 
-Each function takes the float64 residual ``r`` of one image (any shape) and
-returns one float, written as directly as the definition in
-``docs/criteria.md`` allows, for the kernel tests to compare against.
+Each function takes the float64 residual ``r`` of one image (2-D for the
+smooth_* criteria, any shape for the others) and returns one float, written
+as directly as the definition in ``docs/criteria.md`` allows, for the kernel
+tests to compare against.
 
     >>> r = residual(image, recon)
     >>> kurtosis(r), entropy(r)
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.ndimage
 import scipy.stats
 
 BINS = 256
@@ -85,6 +87,24 @@ def entropy(r):
     return float(-np.sum(p * np.log2(p)))
 
 
+def smoothed(r):
+    """The residual smoothed as the smooth_* criteria define it: a Gaussian of
+    sigma 1 pixel, truncated at 3 sigma (3 taps each side), 'reflect' border."""
+    return scipy.ndimage.gaussian_filter(r, sigma=1.0, mode="reflect", truncate=3.0)
+
+
+def smooth_min(r):
+    return float(np.min(smoothed(r)))
+
+
+def smooth_max(r):
+    return float(np.max(smoothed(r)))
+
+
+def smooth_range(r):
+    return float(np.ptp(smoothed(r)))
+
+
 #: Twin of each criterion, by name.
 TWINS = {
     "mean": mean,
@@ -98,13 +118,40 @@ TWINS = {
     "cumsum": cumsum,
     "mse": mse,
     "entropy": entropy,
+    "smooth_min": smooth_min,
+    "smooth_max": smooth_max,
+    "smooth_range": smooth_range,
 }
 
 
+class _SmoothedOnce:
+    """``smoothed(r)``, filtering each residual once for the three smooth_*
+    twins (it holds the last ``r``, so ``is`` cannot match a new array)."""
+
+    def __init__(self):
+        self._r = None
+        self._s = None
+
+    def __call__(self, r):
+        if r is not self._r:
+            self._r, self._s = r, smoothed(r)
+        return self._s
+
+
+_smoothed_once = _SmoothedOnce()
+
 #: The twins with NumPy's pairwise sums for mean and cumsum instead of the
-#: exactly rounded (and 40x slower) math.fsum: the reference a benchmark
-#: should race, so as not to flatter the kernel.
-NUMPY_TWINS = {**TWINS, "mean": lambda r: float(np.mean(r)), "cumsum": lambda r: float(np.sum(r))}
+#: exactly rounded (and 40x slower) math.fsum, and one Gaussian filter per
+#: image for the three smooth_* criteria: the reference a benchmark should
+#: race, so as not to flatter the kernel.
+NUMPY_TWINS = {
+    **TWINS,
+    "mean": lambda r: float(np.mean(r)),
+    "cumsum": lambda r: float(np.sum(r)),
+    "smooth_min": lambda r: float(np.min(_smoothed_once(r))),
+    "smooth_max": lambda r: float(np.max(_smoothed_once(r))),
+    "smooth_range": lambda r: float(np.ptp(_smoothed_once(r))),
+}
 
 
 def criteria(images: np.ndarray, recons: np.ndarray, names=tuple(TWINS), twins=TWINS) -> np.ndarray:

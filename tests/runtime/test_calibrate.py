@@ -129,8 +129,12 @@ def test_label_free_defaults_over_all_criteria():
     rng = np.random.default_rng(5)
     cal = calibrate(rng.normal(size=(200, len(CRITERIA))), CRITERIA)
     assert cal["mode"] == "label-free" and cal["n_anomalous"] == 0
-    assert cal["default_criterion"] == "range"
+    assert cal["default_criterion"] == "smooth_range"
     assert {n: e["polarity"] for n, e in cal["criteria"].items()} == DEFAULT_POLARITY
+    assert list(DEFAULT_POLARITY) == list(CRITERIA)  # every criterion has a label-free polarity
+    # the smoothed extremes are abnormal in the direction of the raw ones
+    for name in ("min", "max", "range"):
+        assert DEFAULT_POLARITY[f"smooth_{name}"] == DEFAULT_POLARITY[name]
     entry = cal["criteria"]["range"]
     assert entry["auc"] is None
     assert list(entry["quantiles"]) == [repr(q) for q in QUANTILES] + ["min", "max"]

@@ -11,6 +11,8 @@ from edge_inspect.kernels import (
     CRITERIA,
     DEFINITIONS,
     ENTROPY_BINS,
+    SMOOTH_RADIUS,
+    SMOOTH_SIGMA,
     criteria,
     criterion_index,
 )
@@ -29,7 +31,9 @@ def _sum_atol(name, r):
     the kernel's k * fl(1/255) in place of k / 255, 1e-16 a pixel) keeps 9
     correct digits of it. The bound that holds is the standard one for
     summation: a few ulps of the sum of the terms' magnitudes. It matters
-    only for the deliberately cancelling histogram-edge cases.
+    only for the deliberately cancelling histogram-edge cases. Each smoothed
+    value is a weighted sum of residuals (weights summing to 1), so the
+    smooth_* criteria get a few ulps of the largest |r|.
     """
     r = r.ravel()
     d = r - r.mean()
@@ -38,6 +42,9 @@ def _sum_atol(name, r):
         "mean": np.mean(np.abs(r)),
         "cumsum": np.sum(np.abs(r)),
         "skewness": np.mean(np.abs(d) ** 3) / m2**1.5 if m2 > 0 else 0.0,
+        "smooth_min": np.max(np.abs(r)),
+        "smooth_max": np.max(np.abs(r)),
+        "smooth_range": np.max(np.abs(r)),
     }.get(name, 0.0)
     return ATOL + 1e-15 * magnitude
 
@@ -118,11 +125,23 @@ def _cases():
             np.array([[[0, 255, 0, 255, 128]]], np.uint8),
             np.array([[[1.0, 0.0, 0.0, 1.0, 0.5]]], np.float32),
         ),
+        "extreme_checker": (
+            (np.indices((1, 6, 6)).sum(0) % 2 * 255).astype(np.uint8),
+            (1 - np.indices((1, 6, 6)).sum(0) % 2).astype(np.float32),
+        ),
         # reconstructions beyond [0, 1]: residuals clipped into the end bins
         "out_of_range": (
             np.array([[[0.0, 1.0, 0.5, 0.5]]], np.float32),
             np.array([[[1.5, -0.75, 0.5, 0.25]]], np.float32),
         ),
+        # strips and images smaller than the smoothing radius (3): the
+        # 'reflect' border folds the filter back more than once
+        "strip_1xW_u8": (rng.integers(0, 256, (2, 1, 40), dtype=np.uint8), rng.random((2, 1, 40), dtype=np.float32)),
+        "strip_Hx1_f32": (rng.random((2, 40, 1), dtype=np.float32), rng.random((2, 40, 1), dtype=np.float32)),
+        "small_2x2_u8": (rng.integers(0, 256, (2, 2, 2), dtype=np.uint8), rng.random((2, 2, 2), dtype=np.float32)),
+        "small_3x5_f32": (rng.random((2, 3, 5), dtype=np.float32), rng.random((2, 3, 5), dtype=np.float32)),
+        "small_5x2_u8": (rng.integers(0, 256, (1, 5, 2), dtype=np.uint8), rng.random((1, 5, 2), dtype=np.float32)),
+        "small_7x6_f32": (rng.random((1, 7, 6), dtype=np.float32), rng.random((1, 7, 6), dtype=np.float32)),
     }
     for n, (img, rec) in enumerate(_edges_batch()):
         cases[f"histogram_edges_{n}"] = (img, rec)
@@ -174,7 +193,8 @@ def test_constant_residual_is_defined(case):
     r = naive.residual(img[0], rec[0]).ravel()[0]
     assert np.isfinite(got).all()
     for name, value in [("kurtosis", 0.0), ("skewness", 0.0), ("std", 0.0), ("variance", 0.0),
-                        ("range", 0.0), ("entropy", 0.0), ("mean", r), ("min", r), ("max", r)]:
+                        ("range", 0.0), ("entropy", 0.0), ("mean", r), ("min", r), ("max", r),
+                        ("smooth_min", r), ("smooth_max", r), ("smooth_range", 0.0)]:
         assert (got[:, criterion_index(name)] == value).all(), name
 
 
@@ -193,6 +213,57 @@ def test_extremes_land_in_the_end_bins():
     img = np.where(left >= 0, left, 0).astype(np.float32)
     rec = np.where(left < 0, -left, 0).astype(np.float32)
     assert criteria(img, rec)[0, criterion_index("entropy")] == 8.0
+
+
+def _weights():
+    """The smoothing weights from their definition: exp(-k^2 / 2 sigma^2), summing to 1."""
+    k = np.arange(-SMOOTH_RADIUS, SMOOTH_RADIUS + 1)
+    w = np.exp(-(k**2) / (2 * SMOOTH_SIGMA**2))
+    return dict(zip(k.tolist(), w / w.sum()))
+
+
+def test_smoothing_by_hand():
+    assert SMOOTH_SIGMA == 1.0 and SMOOTH_RADIUS == 3
+    w = _weights()
+    # a unit spike in the middle of a 9x9 zero residual: the filter's peak is
+    # w0^2, and the corners, 4 pixels away (beyond the radius), stay 0
+    img = np.zeros((1, 9, 9), np.float32)
+    img[0, 4, 4] = 1.0
+    got = dict(zip(CRITERIA, criteria(img, np.zeros_like(img))[0]))
+    assert got["smooth_max"] == pytest.approx(w[0] * w[0], rel=1e-15)
+    assert got["smooth_min"] == 0.0
+    assert got["smooth_range"] == got["smooth_max"]
+    # the same spike in a corner: the 'reflect' border (a | a b c) folds the
+    # tap at -1 back onto the spike, in both directions
+    img = np.zeros((1, 9, 9), np.float32)
+    img[0, 0, 0] = 1.0
+    got = dict(zip(CRITERIA, criteria(img, np.zeros_like(img))[0]))
+    assert got["smooth_max"] == pytest.approx((w[0] + w[1]) ** 2, rel=1e-15)
+    # a negative spike: the minimum goes down by as much
+    got = dict(zip(CRITERIA, criteria(np.zeros_like(img), img)[0]))
+    assert got["smooth_min"] == pytest.approx(-((w[0] + w[1]) ** 2), rel=1e-15)
+    assert got["smooth_max"] == 0.0
+
+
+def test_a_blob_raises_smooth_range_more_than_salt_noise_of_the_same_peak():
+    """Why the smooth_* criteria exist: on a textured part, single-pixel
+    noise dominates the raw extremes, while a defect of a few pixels
+    dominates the smoothed ones."""
+    rng = _rng(21)
+    texture = rng.normal(0.0, 0.02, (64, 64))
+    peak = 0.4
+    salt = texture.copy()
+    spots = rng.choice(64 * 64, size=40, replace=False)
+    salt.flat[spots] = peak * rng.choice([-1.0, 1.0], size=40)  # bright and dark specks
+    blob = texture.copy()
+    blob[30:33, 20:23] = peak  # a 3x3 defect of the same amplitude
+    rec = np.full((2, 64, 64), 0.5, np.float32)
+    img = (0.5 + np.stack([salt, blob])).astype(np.float32)
+    got = criteria(img, rec)
+    rng_col, smooth_col = criterion_index("range"), criterion_index("smooth_range")
+    assert got[0, rng_col] > got[1, rng_col]  # raw: the speckled good part looks worse
+    assert got[1, smooth_col] > 1.5 * got[0, smooth_col]  # smoothed: the defect stands out
+    np.testing.assert_allclose(got, naive.criteria(img, rec), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -289,7 +360,8 @@ def test_scores_do_not_depend_on_memory_placement():
 
 def test_registry():
     assert CRITERIA == ("mean", "std", "variance", "kurtosis", "skewness", "range",
-                        "min", "max", "cumsum", "mse", "entropy")
+                        "min", "max", "cumsum", "mse", "entropy",
+                        "smooth_min", "smooth_max", "smooth_range")
     assert tuple(DEFINITIONS) == CRITERIA
     assert tuple(naive.TWINS) == CRITERIA
     assert [criterion_index(n) for n in CRITERIA] == list(range(len(CRITERIA)))
@@ -337,3 +409,21 @@ def test_twins_are_what_they_claim():
     assert naive.range_(r) == 0.75 and naive.min_(r) == -0.5 and naive.max_(r) == 0.25
     assert naive.entropy(r) == pytest.approx(1.5)  # bins: 1/4, 1/4, 2/4
     assert naive.kurtosis(np.full(5, 0.3)) == 0.0 and naive.skewness(np.full(5, 0.3)) == 0.0
+    # the smoothing twin: a spike spreads into the outer product of the weights
+    w = np.array(list(_weights().values()))
+    spike = np.zeros((9, 9))
+    spike[4, 4] = 1.0
+    np.testing.assert_allclose(naive.smoothed(spike)[1:8, 1:8], np.outer(w, w), rtol=1e-15, atol=0)
+    centre = w[SMOOTH_RADIUS]
+    assert naive.smoothed(spike)[0].max() == 0.0 and naive.smooth_range(spike) == pytest.approx(centre**2)
+    # 'reflect' on a line shorter than the radius: [a, b] extends as
+    # ... a b b a | a b | b a a b ..., so at pixel 0 of [1, 0] the filter adds
+    # the weights of every tap that folds back onto pixel 0
+    line = np.array([[1.0, 0.0]])
+    folded = {0: 0.0, 1: 0.0}
+    for k, wk in _weights().items():
+        i = k
+        while i < 0 or i >= 2:
+            i = -i - 1 if i < 0 else 3 - i
+        folded[i] += wk
+    assert naive.smoothed(line)[0, 0] == pytest.approx(folded[0], rel=1e-15)
