@@ -15,6 +15,12 @@ while it is still being written. Two ways to tell:
 Writers should write under an ignored name (``x.png.part``, ``x.tmp``, a
 dotfile) and rename into place, or write the file in one open-write-close.
 
+Events can miss a file: one that appears through a hard link raises no close
+or move event, and the kernel drops events when its inotify queue overflows.
+So event mode also rescans the folder every ``rescan`` seconds, and at once
+after an overflow, and yields the files no event reported, once they have
+held still for ``settle`` seconds.
+
     >>> with HotFolder("/srv/edge-inspect/incoming", exclude=["ok", "ng"]) as folder:
     ...     for item in folder:                    # blocks, waiting for files
     ...         print(item.path, item.size)
@@ -47,7 +53,10 @@ DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "*~")
 
 #: How often the event-mode iterator checks that the observer thread lives.
 _LIVENESS_S = 2.0
+#: Yielded files remembered before the ones gone from the folder are forgotten.
+_REMEMBERED = 1024
 _STOP = object()
+_OVERFLOW = object()
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,16 @@ class HotFolder:
             files into ``ok/``, ``ng/`` and ``error/`` inside the watched
             folder): absolute paths, or relative ones, taken both from the
             working directory and from ``folder``.
+        rescan: in event mode, seconds between safety scans of the folder;
+            ``None`` turns them off. Events miss a file that appears through
+            a hard link (no close or move event) and the files whose events
+            the kernel dropped when its inotify queue overflowed (a burst
+            faster than this process reads). A rescan yields each file no
+            event yielded since it last changed (size or mtime), once it has
+            held still for ``settle`` seconds; a file yielded unchanged
+            before is not yielded again. An overflow also triggers a rescan
+            at once, with a warning in the log, whatever ``rescan`` says.
+            Poll mode ignores it: every poll is a scan.
 
     Raises:
         SourceError: ``folder`` is missing, not a directory or not readable;
@@ -105,20 +124,24 @@ class HotFolder:
             be watched (inotify limits). In poll mode a folder that cannot
             be listed any more (a network share gone) is logged and polled
             again until it comes back.
-        ConfigError: ``poll`` or ``settle`` out of range.
+        ConfigError: ``poll``, ``settle`` or ``rescan`` out of range.
     """
 
     def __init__(self, folder: str | os.PathLike, *, poll: float | None = None, settle: float = 1.0,
                  ignore: Sequence[str] = DEFAULT_IGNORE, backlog: bool = True, recursive: bool = False,
-                 exclude: Sequence[str | os.PathLike] = ()):
+                 exclude: Sequence[str | os.PathLike] = (), rescan: float | None = 60.0):
         if poll is not None and not poll > 0:
             raise ConfigError(f"Hot folder poll interval must be a positive number of seconds, got {poll!r}.")
+        if rescan is not None and not rescan > 0:
+            raise ConfigError(f"Hot folder rescan interval must be a positive number of seconds or None (no "
+                              f"periodic rescan), got {rescan!r}.")
         if not settle >= 0:
             raise ConfigError(f"Hot folder settle time must be zero or more seconds, got {settle!r}.")
         self.folder = Path(os.path.abspath(folder))
         _check_folder(self.folder)
         self.poll = poll
         self.settle = float(settle)
+        self.rescan = None if rescan is None else float(rescan)
         self.ignore = tuple(p.lower() for p in ignore)
         self._ignore_re = re.compile("|".join(fnmatch.translate(p) for p in self.ignore) or r"(?!)", re.DOTALL)
         self.backlog = backlog
@@ -259,6 +282,7 @@ class HotFolder:
                 )
             from watchdog.observers.inotify import InotifyObserver
 
+            observer = None
             try:
                 # Full events: a file moved in from outside the watched tree
                 # arrives as a move with an empty source, not as a creation.
@@ -266,7 +290,11 @@ class HotFolder:
                 observer.schedule(_Handler(self), str(self.folder), recursive=self.recursive,
                                   event_filter=[FileClosedEvent, FileMovedEvent, DirMovedEvent, DirDeletedEvent])
                 observer.start()
+                _OverflowWatch.attach(observer, self)
             except OSError as exc:
+                if observer is not None and observer.is_alive():
+                    observer.stop()
+                    observer.join(timeout=5.0)
                 raise SourceError(
                     f"Cannot watch {self.folder} for new files: {exc}. If inotify limits are reached, raise "
                     "fs.inotify.max_user_watches / max_user_instances (sysctl), or poll the folder (--poll SECONDS)."
@@ -276,14 +304,21 @@ class HotFolder:
     def _events(self) -> Iterator[FileItem]:
         self._start_observer()  # first, so that no file falls between the scan and the watch
         try:
+            # What was yielded, for the rescans to tell the files that events missed.
+            yielded = _Yielded()
             pending: dict[Path, tuple[tuple[int, int], float]] = {}
             if self.backlog:
-                pending = yield from self._backlog_events()
+                pending = yield from self._backlog_events(yielded)
+            else:
+                # Files there at start are not new: a rescan yields them only once they change.
+                for item in self._listing():
+                    yielded.add(item)
+            next_rescan = time.monotonic() + self.rescan if self.rescan is not None else float("inf")
             while not self._stopping.is_set():
-                timeout = _LIVENESS_S
+                now = time.monotonic()
+                timeout = min(_LIVENESS_S, max(0.0, next_rescan - now))
                 if pending:
-                    timeout = min(timeout, max(0.05, min(t for _, t in pending.values()) + self.settle
-                                               - time.monotonic()))
+                    timeout = min(timeout, max(0.05, min(t for _, t in pending.values()) + self.settle - now))
                 try:
                     message = self._queue.get(timeout=timeout)
                 except queue.Empty:
@@ -294,9 +329,20 @@ class HotFolder:
                     raise message
                 if isinstance(message, FileItem):
                     pending.pop(message.path, None)
+                    yielded.add(message)
                     yield message
+                elif message is _OVERFLOW:
+                    log.warning("Hot folder %s: the kernel dropped file events (inotify queue overflow); "
+                                "rescanning the folder for the files they announced. If this recurs, raise "
+                                "fs.inotify.max_queued_events (sysctl).", self.folder)
+                if message is _OVERFLOW or time.monotonic() >= next_rescan:
+                    self._rescan(yielded, pending)
+                    if self.rescan is not None:
+                        next_rescan = time.monotonic() + self.rescan
                 if pending:
-                    yield from self._settled(pending)
+                    for item in self._settled(pending):
+                        yielded.add(item)
+                        yield item
                 if message is None and not self._stopping.is_set() and not self._watching():
                     raise SourceError(f"The watch on {self.folder} ended unexpectedly. Restart to watch again.")
         finally:
@@ -306,12 +352,20 @@ class HotFolder:
         observer = self._observer
         return observer.is_alive() and all(emitter.is_alive() for emitter in observer.emitters)
 
-    def _backlog_events(self):
-        """Yield the backlog's settled files; return the recent ones, to be settled."""
+    def _listing(self) -> list[FileItem]:
+        """:meth:`_scan` at start, in event mode.
+
+        Raises:
+            SourceError: the folder cannot be listed.
+        """
         try:
-            items = self._scan()
+            return self._scan()
         except OSError as exc:
             raise SourceError(f"Cannot list hot folder {self.folder}: {exc}. Check its permissions.") from exc
+
+    def _backlog_events(self, yielded: _Yielded):
+        """Yield the backlog's settled files; return the recent ones, to be settled."""
+        items = self._listing()
         # A file modified within `settle` seconds may still be open for writing:
         # it is yielded by its close event, or once it has held still.
         recent_ns = time.time_ns() - int(self.settle * 1e9)
@@ -324,8 +378,33 @@ class HotFolder:
             if item.mtime_ns > recent_ns:
                 pending[item.path] = ((item.size, item.mtime_ns), now)
             else:
+                yielded.add(item)
                 yield item
         return pending
+
+    def _rescan(self, yielded: _Yielded, pending: dict[Path, tuple[tuple[int, int], float]]) -> None:
+        """Scan the folder for files that no event yielded since they last changed; settle them in ``pending``.
+
+        They are yielded once they have held still for ``settle`` seconds, as
+        seen from here, as in poll mode: a file that events missed may still
+        be being written, its close event dropped or still to come.
+        """
+        try:
+            items = self._scan()
+        except OSError as exc:
+            # The watch reports a folder removed; anything else may pass. Try again next time.
+            log.warning("Cannot rescan hot folder %s (%s); trying again at the next rescan", self.folder, exc)
+            return
+        if self._stopping.is_set():
+            return  # a partial scan: it would forget files still there
+        yielded.keep(item.path for item in items)
+        now = time.monotonic()
+        missed = [item for item in items if item.path not in pending and not yielded.unchanged(item)]
+        for item in missed:
+            pending[item.path] = ((item.size, item.mtime_ns), now)
+        if missed:
+            log.info("Hot folder %s: the rescan found %d file(s) no event reported, first %s",
+                     self.folder, len(missed), missed[0].path.name)
 
     def _settled(self, pending: dict[Path, tuple[tuple[int, int], float]]) -> Iterator[FileItem]:
         now = time.monotonic()
@@ -395,6 +474,77 @@ class HotFolder:
                     return
             except queue.Empty:
                 pass
+
+
+class _Yielded:
+    """The files yielded in event mode, path -> (size, mtime_ns), for the rescans.
+
+    Memory stays bounded by the files in the folder: each rescan forgets the
+    files gone from it, and so does :meth:`add` (checking each path) once
+    the count doubles, for when rescans are rare or off.
+    """
+
+    def __init__(self):
+        self._signatures: dict[Path, tuple[int, int]] = {}
+        self._limit = _REMEMBERED
+
+    def add(self, item: FileItem) -> None:
+        self._signatures[item.path] = (item.size, item.mtime_ns)
+        if len(self._signatures) > self._limit:
+            self.keep(path for path in self._signatures if os.path.lexists(path))
+            self._limit = max(_REMEMBERED, 2 * len(self._signatures))
+
+    def unchanged(self, item: FileItem) -> bool:
+        """True when ``item`` was yielded with this size and mtime."""
+        return self._signatures.get(item.path) == (item.size, item.mtime_ns)
+
+    def keep(self, paths) -> None:
+        """Forget every file but ``paths`` (the ones still there)."""
+        kept = set(paths)
+        self._signatures = {p: s for p, s in self._signatures.items() if p in kept}
+
+
+class _OverflowWatch:
+    """Tells a hot folder when the kernel dropped events: its inotify queue overflowed.
+
+    watchdog reacts to an overflow itself (it logs it and rebuilds its
+    recursive watches) but delivers no event for it to the handler. So this
+    joins the observer's inotify instance as one more callback on the
+    folder's watch (``IN_MASK_ADD`` leaves the watch's mask as it is): the
+    instance reports an overflow to each of its callbacks, on its reading
+    thread.
+    """
+
+    def __init__(self, hot: HotFolder):
+        self.hot = hot
+
+    @classmethod
+    def attach(cls, observer, hot: HotFolder) -> None:
+        """Register with ``observer``'s inotify instance, or log that this watchdog version has none to offer.
+
+        Raises:
+            OSError: the folder cannot be watched.
+        """
+        inotify = getattr(observer, "_inotify_fd", None)
+        if not callable(getattr(inotify, "add_callback", None)):
+            log.info("Hot folder %s: this watchdog version does not report inotify queue overflows; only the "
+                     "periodic rescan (rescan=%s) finds the files whose events the kernel dropped",
+                     hot.folder, hot.rescan)
+            return
+        from watchdog.observers.inotify_c import InotifyConstants
+
+        watch = cls(hot)
+        mask = InotifyConstants.IN_MASK_ADD | InotifyConstants.IN_DONT_FOLLOW | InotifyConstants.IN_DELETE_SELF
+        inotify.add_callback(os.fsencode(hot.folder), mask, watch, id(watch))
+
+    def on_queue_overflow(self) -> None:
+        self.hot._queue.put(_OVERFLOW)
+
+    def on_event(self, event) -> None:
+        """The folder's events reach the hot folder through its handler."""
+
+    def on_watch_deleted(self, wd) -> None:
+        """The folder gone is reported through the handler."""
 
 
 class _Handler(FileSystemEventHandler):

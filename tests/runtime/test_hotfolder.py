@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from edge_inspect.errors import SourceError
+from edge_inspect.errors import ConfigError, SourceError
 from edge_inspect.sources import FileItem, HotFolder
 
 DEADLINE_S = 60.0
@@ -286,3 +289,167 @@ def test_a_missing_folder_or_a_file_is_refused_with_a_clear_message(tmp_path):
     (tmp_path / "file.png").write_bytes(b"x")
     with pytest.raises(SourceError, match="is a file, not a folder"):
         HotFolder(tmp_path / "file.png", poll=1.0)
+
+
+# ---------------------------------------------------------------- safety rescan (event mode)
+
+
+def _link_in(folder: Path, name: str, content: bytes) -> Path:
+    """Make ``folder/name`` appear through a hard link, which raises no close or move event.
+
+    The file is written in a sibling folder (the same filesystem), outside the watch.
+    """
+    staging = folder.parent / "staging"
+    staging.mkdir(exist_ok=True)
+    source = staging / f"{name.replace('/', '_')}-{time.monotonic_ns()}"
+    source.write_bytes(content)
+    os.link(source, folder / name)
+    return folder / name
+
+
+def test_the_rescan_yields_a_hard_linked_file_but_never_ignored_or_excluded_ones(watched):
+    folder, start = watched
+    (folder / "ok").mkdir()
+    collector = start(poll=None, settle=0.2, rescan=0.3, exclude=["ok"])
+    _wait_started(collector)
+    _link_in(folder, ".hidden.png", b"never")
+    _link_in(folder, "y.png.part", b"never")
+    _link_in(folder, "ok/sorted.png", b"never")
+    linked = _link_in(folder, "linked.png", b"L" * 321)
+    collector.wait_for(lambda: "linked.png" in collector.names(), "the hard-linked file")
+    _link_in(folder, "second.png", b"second")  # once the next rescan is through, a late duplicate would be too
+    collector.wait_for(lambda: "second.png" in collector.names(), "the second hard-linked file")
+
+    assert sorted(collector.names()) == ["linked.png", "probe.bin", "second.png"]
+    item = next(i for i in collector.items if i.path == linked)
+    assert (item.size, item.mtime_ns) == (321, linked.stat().st_mtime_ns)
+
+
+def test_the_rescan_does_not_yield_again_a_file_an_event_yielded(watched):
+    folder, start = watched
+    collector = start(poll=None, settle=0.2, rescan=0.3)
+    _wait_started(collector)
+    (folder / "a.png").write_bytes(b"a" * 100)
+    collector.wait_for(lambda: "a.png" in collector.names(), "the file written in place")
+    # Each hard-linked file proves that a rescan ran after a.png was yielded.
+    for k in range(3):
+        _link_in(folder, f"marker-{k}.png", b"marker")
+        collector.wait_for(lambda k=k: f"marker-{k}.png" in collector.names(), f"marker {k}")
+    assert collector.names().count("a.png") == 1
+    assert collector.names().count("probe.bin") == 1
+
+
+def test_the_rescan_yields_again_a_file_changed_without_an_event(watched):
+    folder, start = watched
+    collector = start(poll=None, settle=0.2, rescan=0.3)
+    _wait_started(collector)
+    target = folder / "a.png"
+    target.write_bytes(b"first")
+    collector.wait_for(lambda: "a.png" in collector.names(), "the first version")
+
+    target.unlink()  # replaced by another file under the same name, through a hard link
+    _link_in(folder, "a.png", b"the second version, longer")
+    collector.wait_for(lambda: collector.names().count("a.png") == 2, "the second version")
+    later = target.stat().st_mtime_ns + 5_000_000_000
+    os.utime(target, ns=(later, later))  # only the mtime changes: still a change (no event for it)
+    collector.wait_for(lambda: collector.names().count("a.png") == 3, "the touched file")
+
+    versions = [(i.size, i.mtime_ns) for i in collector.items if i.path == target]
+    assert [size for size, _ in versions] == [5, 26, 26]
+    assert versions[2][1] == later != versions[1][1]
+
+
+def test_without_rescan_a_hard_linked_file_is_not_yielded(watched):
+    folder, start = watched
+    collector = start(poll=None, settle=0.1, rescan=None)
+    _wait_started(collector)
+    _link_in(folder, "linked.png", b"no event for me")
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end and "linked.png" not in collector.names():
+        time.sleep(0.05)
+    (folder / "after.png").write_bytes(b"after")  # still watching
+    collector.wait_for(lambda: "after.png" in collector.names(), "the file after")
+    assert sorted(collector.names()) == ["after.png", "probe.bin"]
+
+
+def test_the_rescan_without_backlog_leaves_the_files_there_at_start(watched):
+    folder, start = watched
+    _backlog(folder)
+    collector = start(poll=None, settle=0.1, backlog=False, rescan=0.3)
+    _wait_started(collector)
+    _link_in(folder, "linked.png", b"new")
+    collector.wait_for(lambda: "linked.png" in collector.names(), "the hard-linked file")
+    _link_in(folder, "second.png", b"new")
+    collector.wait_for(lambda: "second.png" in collector.names(), "the second hard-linked file")
+    assert sorted(collector.names()) == ["linked.png", "probe.bin", "second.png"]
+
+
+def test_rescan_must_be_positive_or_none(tmp_path):
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="rescan interval"):
+            HotFolder(tmp_path, rescan=bad)
+
+
+_CHILD = textwrap.dedent("""
+    import logging, signal, sys
+    from edge_inspect.sources import HotFolder
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    hot = HotFolder(sys.argv[1], settle=0.1, rescan=3600)  # no periodic rescan within the test
+    signal.signal(signal.SIGTERM, lambda *_: hot.stop())
+    with hot:
+        for item in hot:
+            print(item.path.name, flush=True)
+""")
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(") ", 1)[1].startswith(("T", "t"))
+
+
+def test_an_inotify_queue_overflow_rescans_at_once_and_warns_once(tmp_path):
+    """A real overflow: the watching process is stopped (SIGSTOP) while more
+    close events than the kernel queues arrive, then a file whose own event
+    is dropped. Once it runs again, the overflow's rescan finds that file."""
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    out_path, err_path = tmp_path / "yielded.txt", tmp_path / "log.txt"
+    queued = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(folder)], stdout=out, stderr=err)
+
+    def names() -> list[str]:
+        return out_path.read_text().split()
+
+    def wait_for(predicate, what):
+        end = time.monotonic() + DEADLINE_S
+        while not predicate():
+            assert child.poll() is None, f"the watching process ended: {err_path.read_text()}"
+            assert time.monotonic() < end, f"timed out waiting for {what}; log: {err_path.read_text()}"
+            time.sleep(0.02)
+
+    try:
+        # The watch starts before the backlog scan: yielded either way, the probe proves it watches.
+        (folder / "probe.bin").write_bytes(b"probe")
+        wait_for(lambda: "probe.bin" in names(), "the start probe")
+        os.kill(child.pid, signal.SIGSTOP)
+        wait_for(lambda: _stopped(child.pid), "the watching process to stop")
+        flood = [folder / ".flood-a", folder / ".flood-b"]  # alternating names: the kernel merges no two
+        for k in range(queued + 1000):
+            os.close(os.open(flood[k % 2], os.O_WRONLY | os.O_CREAT))
+        (folder / "lost.png").write_bytes(b"its close event finds the queue full")
+        os.kill(child.pid, signal.SIGCONT)
+        wait_for(lambda: "lost.png" in names(), "the file whose event was dropped")
+        (folder / "after.png").write_bytes(b"after")
+        wait_for(lambda: "after.png" in names(), "the file after")
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        child.terminate()
+        child.wait(DEADLINE_S)
+
+    assert child.returncode == 0, err_path.read_text()
+    assert names() == ["probe.bin", "lost.png", "after.png"]
+    log_lines = err_path.read_text().splitlines()
+    warnings = [line for line in log_lines if line.startswith("WARNING edge_inspect") and "overflow" in line]
+    assert len(warnings) == 1, log_lines
