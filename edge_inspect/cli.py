@@ -92,9 +92,15 @@ def _main(
 
 
 class ModelKind(str, Enum):
+    linear_ae = "linear-ae"
     conv_ae = "conv-ae"
     vae = "vae"
     dilated_vae = "dilated-vae"
+
+
+class Augment(str, Enum):
+    d4 = "d4"
+    none = "none"
 
 
 class PresetName(str, Enum):
@@ -105,9 +111,9 @@ class PresetName(str, Enum):
 @app.command()
 @handle_errors
 def train(
-    model: Annotated[ModelKind, typer.Option(help="Which model to train.")],
     normal: Annotated[Path, typer.Option(help="Folder of normal (good) part images, read recursively.")],
     out: Annotated[Path, typer.Option(help="Run folder to create (or to continue with --resume).")],
+    model: Annotated[ModelKind, typer.Option(help="Which model to train; linear-ae fits in a minute or two on a CPU.")] = ModelKind.linear_ae,
     preset: Annotated[PresetName, typer.Option(help="fast: CPU-friendly defaults; paper: the paper's configuration.")] = PresetName.fast,
     size: Annotated[Optional[int], typer.Option(help="Input size in pixels (square). Default: from the preset.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs. Default: from the preset.")] = None,
@@ -115,14 +121,21 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. Default: from the preset.")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs. Default: from the preset.")] = None,
     latent_dim: Annotated[int, typer.Option(help="Latent dimension of the VAEs.")] = 2,
+    components: Annotated[int, typer.Option(help="Principal components of the linear-ae.")] = 1024,
+    augment: Annotated[Optional[Augment], typer.Option(help="d4: also fit the 8 quarter-turned and mirrored views of each image (linear-ae; its default).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of normal images held out for validation and calibration.")] = 0.2,
+    group_split: Annotated[bool, typer.Option(help="Hold out whole groups of near-duplicate images (rotated or flipped copies of one part), so calibration sees unseen parts.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the split, the shuffling and the initial weights.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
 ) -> None:
     """Train a model on normal images only and write a run folder.
 
+    The default, linear-ae, is fitted in closed form in a minute or two on a
+    CPU; the paper's deep models train epoch by epoch (hours on a CPU).
+
     Example:
 
+        edge-inspect train --normal parts/ok --out runs/linear-ae
         edge-inspect train --model conv-ae --normal parts/ok --out runs/conv-ae
     """
     _require_training_side()
@@ -142,6 +155,9 @@ def train(
         seed=seed,
         val_fraction=val_fraction,
         latent_dim=latent_dim,
+        components=components,
+        augment=augment.value if augment else None,
+        group_split=group_split,
     )
     try:
         result = run_training(config, resume=resume, progress=console.is_terminal)
@@ -165,8 +181,11 @@ def train(
     table.add_row("run folder", str(result.run_dir))
     table.add_row("images", f"{result.n_train} training, {result.n_val} validation")
     table.add_row("skipped files", f"{result.n_skipped}" + (f" (listed in {result.run_dir}/skipped.txt)" if result.n_skipped else ""))
-    table.add_row("epochs", f"{result.epochs_run}" + (" (stopped early)" if result.stopped_early else ""))
-    table.add_row("best validation loss", f"{result.best_val_loss:.6g} at epoch {result.best_epoch}")
+    if model is ModelKind.linear_ae:
+        table.add_row("fit", f"{components} components, closed form; validation loss {result.best_val_loss:.6g}")
+    else:
+        table.add_row("epochs", f"{result.epochs_run}" + (" (stopped early)" if result.stopped_early else ""))
+        table.add_row("best validation loss", f"{result.best_val_loss:.6g} at epoch {result.best_epoch}")
     table.add_row("wall time", f"{result.seconds:.1f} s")
     entry = cal["criteria"][cal["default_criterion"]]
     table.add_row("threshold", f"{cal['default_criterion']} > {entry['threshold']:.6g} ({cal['mode']}, rule {cal['rule']}); "
@@ -338,7 +357,8 @@ def predict(
     """
     import json
 
-    from edge_inspect.inspector import Inspector, inspect_files, write_heatmap
+    from edge_inspect.inspector import Inspector, write_heatmap
+    from edge_inspect.sources.files import inspect_files
 
     inspector = Inspector.load(model, precision=precision.value if precision else None, device=device.value,
                                criterion=criterion, batch_size=batch_size, anomaly_map=heatmaps is not None)
@@ -443,7 +463,8 @@ def demo(
     model_dir = out / "models" / "conv-ae"
     export_model(run_dir=run, out=model_dir, precision=None, opset=17, force=False, anomalous=None)
 
-    from edge_inspect.inspector import Inspector, inspect_files
+    from edge_inspect.inspector import Inspector
+    from edge_inspect.sources.files import inspect_files
 
     inspector = Inspector.load(model_dir)
     table = Table(title=f"Lean runtime on the test parts ({inspector.precision}, {inspector.device}, {inspector.criterion})")
@@ -456,6 +477,115 @@ def demo(
         table.add_row(f"test/{label}", *(str(counts[v]) for v in ("ok", "ng", "error")))
     console.print(table)
     console.print(f"Inspect your own images with: edge-inspect predict --model {model_dir} PATH...")
+
+
+@app.command()
+@handle_errors
+def watch(
+    model: Annotated[Path, typer.Option(help="Model folder written by edge-inspect export.")],
+    folder: Annotated[Optional[Path], typer.Argument(help="The hot folder to watch (or give --camera).")] = None,
+    camera: Annotated[Optional[str], typer.Option(help="Watch a camera instead: device index, rtsp:// or http:// URL, video file, or GStreamer pipeline.")] = None,
+    poll: Annotated[Optional[float], typer.Option(help="Scan the folder every SECONDS instead of inotify events (network shares).")] = None,
+    settle: Annotated[float, typer.Option(help="Seconds a file's size and mtime must hold still (polling, and recent files at start).")] = 1.0,
+    backlog: Annotated[bool, typer.Option("--backlog/--no-backlog", help="Inspect the files already in the folder at start (the ledger skips those already inspected).")] = True,
+    ignore: Annotated[Optional[list[str]], typer.Option(help="Also ignore file names matching this pattern (repeatable), besides hidden and partial files.")] = None,
+    sort: Annotated[bool, typer.Option("--sort", help="Move each file into ok/, ng/ or error/ inside the watched folder.")] = False,
+    heatmaps: Annotated[Optional[Path], typer.Option(help="Write an anomaly-map overlay (PNG) for each NG part to this folder.")] = None,
+    results: Annotated[Optional[Path], typer.Option(help="Append one JSON line per verdict to this file.")] = None,
+    ledger: Annotated[Optional[Path], typer.Option(help="The ledger file (default: FOLDER/.edge-inspect/ledger.sqlite, or ./edge-inspect-ledger.sqlite for a camera).")] = None,
+    max_pixels: Annotated[int, typer.Option(help="Images with more pixels get an error verdict, undecoded.")] = 50_000_000,
+    batch_size: Annotated[int, typer.Option(help="At most this many images per session run (a lone part runs alone).")] = 8,
+    device: Annotated[Device, typer.Option(help="auto: CUDA if it loads, else CPU; cuda: fail unless CUDA runs.")] = Device.auto,
+    criterion: Annotated[Optional[str], typer.Option(help="Decide with this criterion instead of the card's default.")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="Which graph of the folder to run (default: the card's).")] = None,
+    every: Annotated[int, typer.Option(help="Camera: inspect every N-th frame.")] = 1,
+    fps: Annotated[Optional[float], typer.Option(help="Camera: inspect at most this many frames per second.")] = None,
+) -> None:
+    """Watch a hot folder (or a camera) and give every part exactly one durable verdict.
+
+    Each verdict is committed to a SQLite ledger before anything else
+    happens to the part; restarts (after a crash or a power cut) inspect
+    nothing twice and miss nothing. SIGTERM or Ctrl-C finishes the parts in
+    hand and exits 0. Logs each verdict; see them later with edge-inspect
+    results.
+
+    Examples:
+
+        edge-inspect watch /srv/parts --model models/conv-ae --sort --results /var/log/verdicts.jsonl
+
+        edge-inspect watch --camera rtsp://10.0.0.7/stream1 --model models/conv-ae --every 5
+    """
+    from edge_inspect.watch import run_watch
+
+    summary = run_watch(model, folder, camera=camera, poll=poll, settle=settle, backlog=backlog, ignore=ignore or (),
+                        sort=sort, heatmaps=heatmaps, results=results, ledger=ledger, max_pixels=max_pixels,
+                        batch_size=batch_size, device=device.value, criterion=criterion,
+                        precision=precision.value if precision else None, every=every, fps=fps)
+    err_console.print(f"{summary.ok} ok, {summary.ng} ng, {summary.error} error; {summary.duplicates} already "
+                      f"inspected, {summary.replayed} with sinks replayed; {summary.seconds:.1f} s", highlight=False)
+
+
+@app.command()
+@handle_errors
+def results(
+    folder: Annotated[Optional[Path], typer.Argument(help="A watched folder (its ledger is FOLDER/.edge-inspect/ledger.sqlite), or a ledger file.")] = None,
+    ledger: Annotated[Optional[Path], typer.Option(help="The ledger file.")] = None,
+    last: Annotated[int, typer.Option(help="Show the last N parts.")] = 20,
+    csv: Annotated[Optional[Path], typer.Option(help="Export every part (since --since) to this CSV file.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Only parts committed since: 30m, 12h, 7d, today, or an ISO date/time.")] = None,
+) -> None:
+    """Show what a watcher decided: counts per verdict, NG rate, the last parts.
+
+    Examples:
+
+        edge-inspect results /srv/parts --since today
+
+        edge-inspect results --ledger edge-inspect-ledger.sqlite --csv verdicts.csv
+    """
+    import datetime as dt
+
+    from edge_inspect.errors import ConfigError
+    from edge_inspect.ledger import Ledger, parse_since
+    from edge_inspect.watch import default_ledger
+
+    if folder is not None and ledger is not None:
+        raise ConfigError("Give a watched folder or --ledger, not both.")
+    path = ledger or (folder if folder is not None and folder.is_file() else default_ledger(folder))
+    start = parse_since(since) if since else None
+    with Ledger.open(path, create=False) as book:
+        counts = book.counts(start)
+        rows = book.last(last, start) if last > 0 else []
+        exported = book.write_csv(csv, start) if csv is not None else None
+    total = sum(counts.values())
+    decided = counts["ok"] + counts["ng"]
+    rate = f"{counts['ng'] / decided:.2%}" if decided else "-"
+    scope = f" since {dt.datetime.fromtimestamp(start):%Y-%m-%d %H:%M:%S}" if start is not None else ""
+    console.print(f"Ledger {path}{scope}: {total} parts", highlight=False, soft_wrap=True)
+    summary = Table()
+    for column in ("ok", "ng", "error", "NG rate (of ok + ng)"):
+        summary.add_column(column, justify="right")
+    summary.add_row(str(counts["ok"]), str(counts["ng"]), str(counts["error"]), rate)
+    console.print(summary)
+    if rows:
+        table = Table(title=f"Last {len(rows)} parts")
+        table.add_column("id", justify="right")
+        table.add_column("committed", no_wrap=True)
+        table.add_column("part", no_wrap=True)
+        table.add_column("verdict")
+        table.add_column("score / reason", ratio=1)
+        table.add_column("threshold", justify="right")
+        table.add_column("ms", justify="right")
+        for row in rows:
+            name = Path(row.source).name if row.kind == "file" else f"{row.source} #{row.frame_index}"
+            style = {"ok": "green", "ng": "bold red", "error": "yellow"}[row.verdict]
+            reason = (row.error or "").removeprefix(f"{name}: ")
+            detail = f"[yellow]{escape(reason)}[/]" if row.verdict == "error" else f"{row.score:.4g}"
+            table.add_row(str(row.id), f"{dt.datetime.fromtimestamp(row.committed_at):%m-%d %H:%M:%S}",
+                          escape(name), f"[{style}]{row.verdict}[/]", detail,
+                          "" if row.threshold is None else f"{row.threshold:.4g}", f"{row.latency_ms:.0f}")
+        console.print(table)
+    if exported is not None:
+        err_console.print(f"Wrote {exported} parts to {csv}", highlight=False)
 
 
 def main() -> None:

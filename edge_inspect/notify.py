@@ -35,7 +35,9 @@ def _send(message: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            sock.sendall(message.encode("utf-8", "replace"))
+            # Never block: a listener that stops reading must not stall the line.
+            # A full socket buffer raises BlockingIOError, an OSError: not sent.
+            sock.send(message.encode("utf-8", "replace"), socket.MSG_DONTWAIT)
     except OSError as exc:
         log.debug("sd_notify %r to %r failed: %s", message, os.environ.get("NOTIFY_SOCKET"), exc)
         return False

@@ -36,7 +36,7 @@ def test_predict_json_lines(model_dir, parts):  # noqa: F811
     assert len(lines) == 12
     for line in lines:
         assert set(line) == RESULT_KEYS
-        assert line["verdict"] in ("ok", "ng") and line["error"] is None and line["criterion"] == "range"
+        assert line["verdict"] in ("ok", "ng") and line["error"] is None and line["criterion"] == "smooth_range"
         assert list(line["criteria"]) == list(CRITERIA)
         assert line["verdict"] == ("ng" if line["score"] > line["threshold"] else "ok")
     defect = [line["score"] for line in lines if "/ng/" in line["source"]]
@@ -106,7 +106,7 @@ def test_benchmark_table_has_a_row_per_precision_and_auc(model_dir, parts):  # n
     assert result.exit_code == 0, result.output + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("│ fp32") or line.startswith("│ int8")]
     assert len(rows) == 2
-    assert "AUC of criterion range on 12 images" in result.stdout.replace("\n", " ")
+    assert "AUC of criterion smooth_range on 12 images" in result.stdout.replace("\n", " ")
     assert "images/s" in result.stdout
 
 

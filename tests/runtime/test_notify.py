@@ -229,3 +229,21 @@ def test_systemd_analyze_verifies_the_unit_without_a_warning(tmp_path):
     report = (proc.stdout + proc.stderr).strip()
     assert proc.returncode == 0, report
     assert [line for line in report.splitlines() if "edge-inspect.service" in line] == []
+
+
+def test_a_listener_that_stops_reading_never_blocks_the_sender(tmp_path, monkeypatch):
+    """A full socket buffer makes a send fail (logged), not wait: the watcher's commit loop calls these."""
+    import socket as socket_module
+    import threading
+
+    path = tmp_path / "full.sock"
+    listener = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_DGRAM)
+    listener.bind(str(path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    results: list[bool] = []
+    sender = threading.Thread(target=lambda: results.extend(notify.status("x" * 4000) for _ in range(500)), daemon=True)
+    sender.start()
+    sender.join(timeout=30)
+    listener.close()
+    assert not sender.is_alive(), "sending blocked on a socket nobody reads"
+    assert results.count(False) > 0 and results[0] is True

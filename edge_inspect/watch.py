@@ -1,0 +1,705 @@
+"""The watch pipeline: a source's parts in, one durable verdict per part out.
+
+This module wires the line together for ``edge-inspect watch``::
+
+    source ──> readers ──> inference ──> commit ──> sinks
+    (hot folder (read once,  (dynamic     (ledger,   (sort, heatmaps,
+     or camera)  sha256,      batches)     one txn    JSONL; then the
+                 decode)                   a batch)   ledger marks them done)
+
+Each stage is a thread (the readers a small pool) joined by bounded queues,
+so decoding, inference and the ledger's sync overlap. The inference loop
+takes whatever is queued, up to the batch size: a single part goes alone at
+once, a burst fills batches. A file is read ONCE; its sha256 and its decoded
+image come from the same bytes, so the verdict belongs to exactly the bytes
+hashed. A part whose identity is already in the ledger (the same file seen
+twice, or again after a restart) is dropped before decoding. A part that
+cannot be inspected (vanished, unreadable, corrupt, too large, not an
+image) gets an ``error`` verdict with the reason, and the watcher goes on.
+
+At start, sinks left pending by an interrupted run are replayed; at stop
+(:meth:`Watcher.stop`, from a signal handler for instance) the source stops,
+the parts already in hand are finished, committed and sunk, and
+:meth:`Watcher.run` returns. systemd hears READY after the replay,
+WATCHDOG (at most once a second) after a committed batch, and while idle as
+long as the inference loop turns, and STOPPING when the stop begins
+(:mod:`edge_inspect.notify`).
+
+    >>> with Ledger.open("parts/.edge-inspect/ledger.sqlite") as ledger:
+    ...     watcher = Watcher(HotFolder("parts/"), inspector, ledger, sinks=[JsonlSink("v.jsonl")])
+    ...     summary = watcher.run()         # until watcher.stop()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import stat
+import struct
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from edge_inspect import notify
+from edge_inspect.errors import ConfigError, EdgeInspectError, InputError
+from edge_inspect.ledger import Ledger, Record, file_identity, frame_identity
+from edge_inspect.preprocess import decode_image, preprocess
+from edge_inspect.sinks import Done, Sink
+
+log = logging.getLogger(__name__)
+
+#: Pixel count over which an image gets an error verdict instead of being decoded.
+DEFAULT_MAX_PIXELS = 50_000_000
+#: The order sinks run in: the JSON line last, so that it names the sorted file and its heatmap.
+SINK_ORDER = ("sort", "heatmaps", "jsonl")
+_END = object()
+_TICK = 0.5
+
+
+class _Aborted(Exception):
+    """Another stage failed; this one stops."""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a run did: verdicts written per kind, parts dropped as already inspected, sinks replayed."""
+
+    ok: int = 0
+    ng: int = 0
+    error: int = 0
+    duplicates: int = 0
+    replayed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.ng + self.error
+
+
+@dataclass
+class _Part:
+    """A part between the readers and the ledger."""
+
+    ident: dict                      # identity, kind, source and the identity columns of the Record
+    arrived_at: float
+    key: tuple | None = None         # in-flight key of a file
+    read_at: float | None = None
+    image: np.ndarray | None = None  # the model's input, preprocessed
+    original: np.ndarray | None = None  # the decoded image, kept for heatmaps
+    error: str | None = None
+    result: object = None
+    inspected_at: float | None = None
+
+
+# ------------------------------------------------------------------ reading
+
+
+def image_dimensions(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG, JPEG, BMP or TIFF header, without decoding; None if not found."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if data[:2] == b"BM":
+            if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 core header: 16-bit sizes
+                return struct.unpack("<HH", data[18:22])
+            width, height = struct.unpack("<ii", data[18:26])
+            return abs(width), abs(height)
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_dimensions(data)
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_dimensions(data)
+    except struct.error:
+        return None  # a header cut short: decoding will say what is wrong
+    return None
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            return width, height
+        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    return None
+
+
+def _tiff_dimensions(data: bytes) -> tuple[int, int] | None:
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack(order + "I", data[4:8])[0]
+    count = struct.unpack(order + "H", data[ifd:ifd + 2])[0]
+    found = {}
+    for k in range(count):
+        tag, kind = struct.unpack(order + "HH", data[ifd + 2 + 12 * k:ifd + 6 + 12 * k])
+        if tag in (256, 257):
+            value = data[ifd + 10 + 12 * k:ifd + 14 + 12 * k]
+            found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), value[:2] if kind == 3 else value)[0]
+    return (found[256], found[257]) if len(found) == 2 else None
+
+
+def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise InputError(f"{name}: {width} x {height} = {width * height / 1e6:.1f} megapixels, over the limit of "
+                         f"{max_pixels / 1e6:g} megapixels (--max-pixels); not decoded. Raise --max-pixels if "
+                         "such images are expected.")
+
+
+def read_file(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """The bytes of a regular file, read once, and its ``fstat``.
+
+    Raises:
+        InputError: the file vanished, cannot be opened or read, is not a
+            regular file, or is larger than ``max_bytes``.
+    """
+    name = path.name
+    try:
+        # O_NONBLOCK: opening a FIFO dropped in the folder must not hang the reader.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as exc:
+        raise InputError(f"{name}: vanished before it could be read (deleted or moved away).") from exc
+    except PermissionError as exc:
+        raise InputError(f"{name}: permission denied; the watcher's user cannot read it. "
+                         "Check the file's owner and mode.") from exc
+    except OSError as exc:
+        raise InputError(f"{name}: cannot be opened ({exc.strerror or exc}).") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{name}: not a regular file (a folder, pipe or device); expected an image file.")
+        if st.st_size > max_bytes:
+            raise InputError(f"{name}: {st.st_size} bytes, over the limit of {max_bytes} bytes that --max-pixels "
+                             "implies; not read. Raise --max-pixels if such images are expected.")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks), st
+    except OSError as exc:
+        raise InputError(f"{name}: cannot be read ({exc.strerror or exc}).") from exc
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------- pipeline
+
+
+class Watcher:
+    """Inspect every part a source yields, exactly once, into a ledger and sinks.
+
+    Args:
+        source: an iterable of :class:`~edge_inspect.sources.FileItem` or
+            :class:`~edge_inspect.sources.FrameItem` (anything with the same
+            attributes); its ``stop()``, when it has one, is called by
+            :meth:`stop`.
+        inspector: the loaded :class:`~edge_inspect.inspector.Inspector`
+            (with ``anomaly_map=True`` when a heatmaps sink is given).
+        ledger: the open :class:`~edge_inspect.ledger.Ledger`.
+        sinks: sinks to run after each commit (see :mod:`edge_inspect.sinks`).
+        readers: threads reading and decoding.
+        max_pixels: images with more pixels get an error verdict; checked
+            from the header before decoding where the format allows.
+        max_bytes: files larger than this get an error verdict unread
+            (default: 8 bytes a pixel of ``max_pixels``, the size of an
+            uncompressed 16-bit RGBA image, plus 1 MiB).
+
+    Raises:
+        ConfigError: a bad setting.
+    """
+
+    def __init__(self, source: Iterable, inspector, ledger: Ledger, *, sinks: Sequence[Sink] = (), readers: int = 2,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None):
+        if readers < 1 or max_pixels < 1:
+            raise ConfigError(f"Watch needs at least 1 reader and a positive --max-pixels; got readers={readers}, "
+                              f"max_pixels={max_pixels}.")
+        names = [s.name for s in sinks]
+        if len(set(names)) != len(names) or not set(names) <= set(SINK_ORDER):
+            raise ConfigError(f"Sinks must be distinct and among {', '.join(SINK_ORDER)}; got {', '.join(names)}.")
+        self.source = source
+        self.inspector = inspector
+        self.ledger = ledger
+        self.sinks = sorted(sinks, key=lambda s: SINK_ORDER.index(s.name))
+        self.readers = readers
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes if max_bytes is not None else max_pixels * 8 + (1 << 20)
+        self.model_sha256 = inspector.card.data["files"][inspector.precision]["sha256"]
+        self.keep_images = any(s.name == "heatmaps" for s in sinks)
+        depth = 4 * inspector.batch_size
+        self._items: queue.Queue = queue.Queue(depth)
+        self._parts: queue.Queue = queue.Queue(depth)
+        self._scored: queue.Queue = queue.Queue(8)
+        self._stopping = threading.Event()
+        self._abort = threading.Event()
+        self._failure: BaseException | None = None
+        self._source_error: EdgeInspectError | None = None
+        self._lock = threading.Lock()
+        self._in_flight: set[tuple] = set()
+        self._counts = {"ok": 0, "ng": 0, "error": 0, "duplicates": 0}
+        self._inference_beat = time.monotonic()
+        self._last_ping = 0.0
+
+    # -------------------------------------------------------------- control
+
+    def stop(self) -> None:
+        """Stop the source; parts in hand are finished. Thread-safe, and safe in a signal handler."""
+        first = not self._stopping.is_set()
+        self._stopping.set()
+        if first:
+            log.info("Stopping: finishing the parts in hand.")
+            notify.stopping()
+        stop = getattr(self.source, "stop", None)
+        if stop is not None:
+            stop()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._failure is None:
+                self._failure = exc
+        self._abort.set()
+        self.stop()
+
+    def _put(self, q: queue.Queue, value) -> None:
+        while True:
+            if self._abort.is_set():
+                raise _Aborted
+            try:
+                q.put(value, timeout=_TICK)
+                return
+            except queue.Full:
+                continue
+
+    def _get(self, q: queue.Queue, on_idle=None):
+        while True:
+            if self._abort.is_set():
+                raise _Aborted
+            try:
+                return q.get(timeout=_TICK)
+            except queue.Empty:
+                if on_idle is not None:
+                    on_idle()
+
+    def _stage(self, body, done=None):
+        def run():
+            try:
+                body()
+            except _Aborted:
+                return
+            except BaseException as exc:  # handed to run(), which re-raises it
+                log.debug("Watch stage %s failed", threading.current_thread().name, exc_info=True)
+                self._fail(exc)
+                return
+            if done is not None:
+                try:
+                    done()
+                except _Aborted:
+                    return
+        return run
+
+    # ---------------------------------------------------------------- run
+
+    def run(self) -> Summary:
+        """Replay pending sinks, then inspect until the source ends or :meth:`stop`; returns the summary.
+
+        Raises:
+            EdgeInspectError: the source, the model or the ledger failed
+                (the parts already committed stay committed).
+        """
+        start = time.monotonic()
+        replayed = self._replay()
+        notify.ready()
+        notify.status("Watching")
+        threads = [threading.Thread(target=self._stage(self._source_loop, self._end_items), name="watch-source",
+                                    daemon=True)]
+        threads += [threading.Thread(target=self._stage(self._reader_loop, lambda: self._put(self._parts, _END)),
+                                     name=f"watch-reader-{k}", daemon=True) for k in range(self.readers)]
+        threads.append(threading.Thread(target=self._stage(self._commit_loop), name="watch-commit", daemon=True))
+        for thread in threads:
+            thread.start()
+        try:
+            self._stage(self._inference_loop, lambda: self._put(self._scored, _END))()
+            while any(t.is_alive() for t in threads):
+                for thread in threads:
+                    thread.join(timeout=_TICK)
+        finally:
+            if not self._stopping.is_set():  # the source ended by itself (a video file)
+                notify.stopping()
+            if any(t.is_alive() for t in threads):
+                self._fail(RuntimeError("watch interrupted"))
+        if self._failure is not None:
+            raise self._failure
+        if self._source_error is not None:
+            raise self._source_error
+        c = self._counts
+        return Summary(c["ok"], c["ng"], c["error"], c["duplicates"], replayed, time.monotonic() - start)
+
+    def _end_items(self) -> None:
+        for _ in range(self.readers):
+            self._put(self._items, _END)
+
+    def _source_loop(self) -> None:
+        try:
+            for item in self.source:
+                self._put(self._items, (item, time.time()))
+                if self._stopping.is_set():
+                    break
+        except EdgeInspectError as exc:
+            # The camera or folder failed: finish the parts in hand, then run() raises this.
+            log.error("%s", exc)
+            self._source_error = exc
+
+    # -------------------------------------------------------------- readers
+
+    def _reader_loop(self) -> None:
+        while (entry := self._get(self._items)) is not _END:
+            item, arrived = entry
+            part = self._frame(item, arrived) if hasattr(item, "image") else self._file(item, arrived)
+            if part is not None:
+                self._put(self._parts, part)
+
+    def _duplicate(self, part: _Part, why: str) -> None:
+        log.debug("%s: %s; no new verdict.", part.ident["source"], why)
+        with self._lock:
+            self._counts["duplicates"] += 1
+            self._in_flight.discard(part.key)
+
+    def _file(self, item, arrived: float) -> _Part | None:
+        path = Path(item.path)
+        key = (str(path), item.size, item.mtime_ns)
+        with self._lock:
+            if key in self._in_flight:
+                self._counts["duplicates"] += 1
+                return None
+            self._in_flight.add(key)
+        part = _Part({"kind": "file", "source": str(path), "size": item.size, "mtime_ns": item.mtime_ns,
+                      "identity": file_identity(path, item.size, item.mtime_ns, None)}, arrived, key)
+        try:
+            data, st = read_file(path, self.max_bytes)
+        except InputError as exc:
+            if not path.exists() and self.ledger.seen_file(path, item.size, item.mtime_ns):
+                self._duplicate(part, "already inspected and moved away")
+                return None
+            part.error = str(exc)
+        else:
+            sha = hashlib.sha256(data).hexdigest()
+            part.ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=sha,
+                              identity=file_identity(path, st.st_size, st.st_mtime_ns, sha))
+            if self.ledger.known(part.ident["identity"]):
+                self._duplicate(part, "already in the ledger")
+                return None
+            try:
+                dims = image_dimensions(data)
+                if dims is not None:
+                    _check_pixels(path.name, *dims, self.max_pixels)
+                self._prepare(part, decode_image(data, path.name), path.name)
+            except EdgeInspectError as exc:
+                part.error = str(exc)
+        if part.error is not None and self.ledger.known(part.ident["identity"]):
+            self._duplicate(part, "its error verdict is already in the ledger")
+            return None
+        part.read_at = time.time()
+        return part
+
+    def _frame(self, item, arrived: float) -> _Part:
+        part = _Part({"kind": "frame", "source": item.uri, "frame_index": item.index, "frame_time": item.timestamp,
+                      "identity": frame_identity(item.uri, item.timestamp, item.index)}, arrived)
+        try:
+            self._prepare(part, np.asarray(item.image), f"frame {item.index}")
+        except EdgeInspectError as exc:
+            part.error = str(exc)
+        part.read_at = time.time()
+        return part
+
+    def _prepare(self, part: _Part, image: np.ndarray, name: str) -> None:
+        _check_pixels(name, image.shape[1] if image.ndim > 1 else 1, image.shape[0], self.max_pixels)
+        part.image = preprocess(image, self.inspector.size)
+        if self.keep_images:
+            part.original = image
+
+    # ------------------------------------------------------------ inference
+
+    def _beat(self) -> None:
+        self._inference_beat = time.monotonic()
+
+    def _inference_loop(self) -> None:
+        ended = 0
+        size = self.inspector.batch_size
+        while ended < self.readers:
+            self._beat()
+            first = self._get(self._parts, on_idle=self._beat)
+            batch = []
+            if first is _END:
+                ended += 1
+            else:
+                batch.append(first)
+            while ended < self.readers and len(batch) < size:
+                try:
+                    more = self._parts.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _END:
+                    ended += 1
+                else:
+                    batch.append(more)
+            if batch:
+                self._inspect(batch)
+                self._put(self._scored, batch)
+
+    def _inspect(self, batch: list[_Part]) -> None:
+        good = [p for p in batch if p.error is None]
+        if good:
+            results = self.inspector.inspect_batch([p.image for p in good], [p.ident["source"] for p in good])
+            now = time.time()
+            for part, result in zip(good, results):
+                part.result, part.inspected_at, part.image = result, now, None
+                if result.verdict == "error":
+                    part.error = result.error
+
+    # --------------------------------------------------------------- commit
+
+    def _ping(self) -> None:
+        """WATCHDOG=1, at most once a second (systemd's watchdog timeouts are seconds or more)."""
+        now = time.monotonic()
+        if now - self._last_ping >= 1.0:
+            self._last_ping = now
+            notify.watchdog()
+
+    def _commit_loop(self) -> None:
+        def idle():
+            # Idle is a success too, as long as the inference loop turns.
+            if time.monotonic() - self._inference_beat < 10 * _TICK + 5:
+                self._ping()
+
+        while (first := self._get(self._scored, on_idle=idle)) is not _END:
+            parts, end = list(first), False
+            while len(parts) < 4 * self.inspector.batch_size:
+                try:
+                    more = self._scored.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _END:
+                    end = True
+                    break
+                parts += more
+            self._commit(parts)
+            self._ping()
+            if end:
+                return
+
+    def _record(self, part: _Part, committed_at: float) -> Record:
+        result = part.result
+        inspector = self.inspector
+        ok = part.error is None
+        verdict = result.verdict if ok else "error"
+        record = Record(
+            **part.ident, verdict=verdict, arrived_at=part.arrived_at, committed_at=committed_at,
+            latency_ms=(committed_at - part.arrived_at) * 1e3,
+            score=result.score if ok else None, threshold=float(inspector.entry["threshold"]),
+            criterion=inspector.criterion, criteria=json.dumps(result.criteria) if ok else None,
+            model_sha256=self.model_sha256, error=part.error, read_at=part.read_at, inspected_at=part.inspected_at,
+            batch_size=result.batch_size if result is not None else None,
+        )
+        return replace(record, sinks_pending=" ".join(s.name for s in self.sinks if s.wants(record)))
+
+    def _commit(self, parts: list[_Part]) -> None:
+        committed_at = time.time()
+        written = self.ledger.record([self._record(p, committed_at) for p in parts])
+        done = []
+        for part, record in zip(parts, written):
+            if record is None:
+                self._duplicate(part, "committed by a concurrent copy")
+                continue
+            with self._lock:
+                self._counts[record.verdict] += 1
+            _log_verdict(record)
+            amap = getattr(part.result, "anomaly_map", None)
+            keep = record.verdict == "ng"
+            done.append(Done(record, part.original if keep else None, amap if keep else None))
+        self._run_sinks(done)
+        with self._lock:
+            for part in parts:
+                self._in_flight.discard(part.key)
+
+    def _run_sinks(self, done: list[Done]) -> None:
+        if not done:
+            return
+        pending = {d.record.id: d.record.pending for d in done}
+        columns: dict[int, dict] = {d.record.id: {} for d in done}
+        by_id = {d.record.id: d for d in done}
+        for sink in self.sinks:
+            mine = [d for d in done if sink.name in pending[d.record.id]]
+            if not mine:
+                continue
+            for row_id, values in self._sink_call(sink, sink.write, mine).items():
+                pending[row_id].discard(sink.name)
+                columns[row_id].update(values)
+                by_id[row_id].record = replace(by_id[row_id].record, **values)
+        self.ledger.finish_sinks({i: {**columns[i], "sinks_pending": " ".join(sorted(pending[i]))} for i in columns})
+
+    @staticmethod
+    def _sink_call(sink: Sink, method, arg, *extra) -> dict[int, dict]:
+        try:
+            return method(arg, *extra)
+        except (OSError, EdgeInspectError) as exc:
+            log.error("Sink %s failed for %d part(s) (%s); retried at the next start.", sink.name, len(arg), exc)
+            return {}
+
+    # --------------------------------------------------------------- replay
+
+    def _replay(self) -> int:
+        """Run the sinks that an interrupted run left pending; returns the rows handled."""
+        records = self.ledger.pending()
+        if not records:
+            return 0
+        configured = {s.name for s in self.sinks}
+        orphans = {name for r in records for name in r.pending} - configured
+        if orphans:
+            log.warning("Some parts wait for sink(s) %s, which this run does not use; they stay pending until a run "
+                        "with them (%s).", ", ".join(sorted(orphans)),
+                        ", ".join({"sort": "--sort", "heatmaps": "--heatmaps", "jsonl": "--results"}[n]
+                                  for n in sorted(orphans)))
+        log.info("Replaying the sinks of %d part(s) left pending by an interrupted run.", len(records))
+        by_id = {r.id: r for r in records}
+        pending = {r.id: r.pending for r in records}
+        columns: dict[int, dict] = {r.id: {} for r in records}
+        for sink in self.sinks:
+            mine = [by_id[i] for i in by_id if sink.name in pending[i]]
+            if not mine:
+                continue
+            for row_id, values in self._sink_call(sink, sink.replay, mine, self.inspector).items():
+                pending[row_id].discard(sink.name)
+                columns[row_id].update(values)
+                by_id[row_id] = replace(by_id[row_id], **values)
+        self.ledger.finish_sinks({i: {**columns[i], "sinks_pending": " ".join(sorted(pending[i]))} for i in columns})
+        return len(records)
+
+
+def _log_verdict(record: Record) -> None:
+    name = Path(record.source).name if record.kind == "file" else f"{record.source} frame {record.frame_index}"
+    if record.verdict == "error":
+        log.info("error  %s (#%d): %s", name, record.id, record.error)
+    else:
+        log.info("%-5s  %s (#%d): score %.4g, threshold %.4g, %.0f ms", record.verdict, name, record.id,
+                 record.score, record.threshold, record.latency_ms)
+
+
+# ------------------------------------------------------------ the command
+
+
+#: The ledger of a camera, when no --ledger is given: in the working directory.
+CAMERA_LEDGER = "edge-inspect-ledger.sqlite"
+
+
+def default_ledger(folder: str | os.PathLike | None) -> Path:
+    """``<folder>/.edge-inspect/ledger.sqlite`` (hidden: the hot folder skips it), or ``./edge-inspect-ledger.sqlite``."""
+    return Path(folder) / ".edge-inspect" / "ledger.sqlite" if folder is not None else Path(CAMERA_LEDGER)
+
+
+def _refuse_inside(folder: Path, path: Path | None, flag: str, ignore: Sequence[str]) -> None:
+    """A file the watcher writes must not sit where the hot folder would yield it back."""
+    import fnmatch
+
+    if path is None or Path(os.path.abspath(path)).parent != Path(os.path.abspath(folder)):
+        return
+    if any(fnmatch.fnmatchcase(path.name.lower(), p.lower()) for p in ignore):
+        return
+    raise ConfigError(f"{flag} {path} lies in the watched folder {folder}, which would inspect it as a part. "
+                      f"Put it elsewhere, in a sub-folder, or give it a hidden name (.{path.name}).")
+
+
+def run_watch(model: str | os.PathLike, folder: str | os.PathLike | None = None, *, camera: str | None = None,
+              poll: float | None = None, settle: float = 1.0, backlog: bool = True, ignore: Sequence[str] = (),
+              sort: bool = False, heatmaps: str | os.PathLike | None = None,
+              results: str | os.PathLike | None = None, ledger: str | os.PathLike | None = None,
+              max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, device: str = "auto",
+              criterion: str | None = None, precision: str | None = None, every: int = 1,
+              fps: float | None = None, signals: bool = True) -> Summary:
+    """``edge-inspect watch``: load the model, open the ledger and sinks, watch until stopped.
+
+    Args:
+        model: the model folder.
+        folder: the hot folder to watch; or
+        camera: a camera URI (see :class:`~edge_inspect.sources.Camera`).
+        poll, settle, backlog: see :class:`~edge_inspect.sources.HotFolder`.
+        ignore: more name patterns to ignore, besides the defaults.
+        sort: move each file into ``ok/``, ``ng/`` or ``error/`` of ``folder``.
+        heatmaps: folder for the overlays of NG parts.
+        results: JSONL file, one line per verdict.
+        ledger: the ledger file (default: :func:`default_ledger`).
+        max_pixels, batch_size, device, criterion, precision: settings of
+            the pipeline and the inspector.
+        every, fps: camera frame selection.
+        signals: stop gracefully on SIGTERM and SIGINT (main thread only).
+
+    Returns:
+        The run's :class:`Summary`.
+
+    Raises:
+        ConfigError, SourceError, ModelCardError, InputError: what the
+        message says.
+    """
+    import contextlib
+    import signal
+
+    from edge_inspect.inspector import Inspector
+    from edge_inspect.sinks import HeatmapSink, JsonlSink, SortSink
+    from edge_inspect.sources import DEFAULT_IGNORE, Camera, HotFolder
+
+    if (folder is None) == (camera is None):
+        raise ConfigError("Watch needs a folder to watch or --camera URI (exactly one of them).")
+    if camera is not None and sort:
+        raise ConfigError("--sort moves files of a watched folder; a camera's frames are not files. Drop --sort.")
+    if folder is not None and (every != 1 or fps is not None):
+        raise ConfigError("--every and --fps select camera frames; they do not apply to a folder.")
+    patterns = (*DEFAULT_IGNORE, *ignore)
+    ledger_path = Path(ledger) if ledger is not None else default_ledger(folder)
+    if folder is not None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ConfigError(f"Watched folder {folder} does not exist or is not a folder; create it or check the path.")
+        _refuse_inside(folder, ledger_path, "--ledger", patterns)
+        _refuse_inside(folder, Path(results) if results is not None else None, "--results", patterns)
+        if heatmaps is not None and os.path.abspath(heatmaps) == os.path.abspath(folder):
+            raise ConfigError(f"--heatmaps {heatmaps} is the watched folder itself, which would inspect the "
+                              "overlays as parts. Give a sub-folder or another folder.")
+
+    inspector = Inspector.load(model, precision=precision, device=device, criterion=criterion,
+                               batch_size=batch_size, anomaly_map=heatmaps is not None)
+    with contextlib.ExitStack() as stack:
+        book = stack.enter_context(Ledger.open(ledger_path))
+        log.info("Model %s (%s on %s, criterion %s); ledger %s", model, inspector.precision, inspector.device,
+                 inspector.criterion, ledger_path)
+        sinks: list = []
+        if sort:
+            sinks.append(SortSink(folder))
+        if heatmaps is not None:
+            sinks.append(HeatmapSink(heatmaps))
+        if results is not None:
+            sinks.append(JsonlSink(results))
+        for sink in sinks:
+            stack.callback(sink.close)
+        if folder is not None:
+            exclude = [*(sinks[0].folders if sort else []), *([Path(heatmaps)] if heatmaps is not None else [])]
+            source = stack.enter_context(HotFolder(folder, poll=poll, settle=settle, ignore=patterns,
+                                                   backlog=backlog, exclude=exclude))
+        else:
+            source = Camera(camera, every=every, fps=fps)
+        watcher = Watcher(source, inspector, book, sinks=sinks, max_pixels=max_pixels)
+        if signals and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous = signal.signal(signum, lambda *_: watcher.stop())
+                stack.callback(signal.signal, signum, previous)
+        log.info("Watching %s", folder if folder is not None else camera)
+        return watcher.run()
