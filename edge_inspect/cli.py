@@ -436,7 +436,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's images and run.")] = Path("demo"),
     count: Annotated[int, typer.Option(help="Normal synthetic parts to generate.")] = 300,
     size: Annotated[int, typer.Option(help="Image and model size in pixels.")] = 64,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 8,
+    model: Annotated[ModelKind, typer.Option(help="Which model to train.")] = ModelKind.linear_ae,
+    components: Annotated[int, typer.Option(help="Principal components of the linear-ae.")] = 256,
+    epochs: Annotated[int, typer.Option(help="Training epochs of a deep model.")] = 8,
 ) -> None:
     """Run the main job end to end on synthetic parts: generate, train, calibrate, evaluate.
 
@@ -453,14 +455,14 @@ def demo(
     write_parts(parts / "test" / "ok", max(count // 5, 10), size=size, seed=1)
     write_parts(parts / "test" / "ng", max(count // 5, 10), size=size, seed=2, defective=True)
     console.print(f"Wrote synthetic parts under {parts}: ok/ to train on, test/ok and test/ng to evaluate.")
-    run = out / "runs" / "conv-ae"
+    run = out / "runs" / model.value
     train(
-        model=ModelKind.conv_ae, normal=parts / "ok", out=run, preset=PresetName.fast,
+        model=model, normal=parts / "ok", out=run, preset=PresetName.fast,
         size=size, epochs=epochs, batch_size=32, lr=None, patience=None, latent_dim=2,
-        val_fraction=0.2, seed=0, resume=False,
+        val_fraction=0.2, seed=0, resume=False, components=components,
     )
     evaluate(run_dir=run, normal=parts / "test" / "ok", anomalous=parts / "test" / "ng", out=None)
-    model_dir = out / "models" / "conv-ae"
+    model_dir = out / "models" / model.value
     export_model(run_dir=run, out=model_dir, precision=None, opset=17, force=False, anomalous=None)
 
     from edge_inspect.inspector import Inspector

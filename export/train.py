@@ -47,14 +47,21 @@ class Preset:
     lr: float
     optimizer: str = "adamax"
     patience: int = 10
+    #: Input size of the linear-ae, which costs seconds where deep models cost hours.
+    linear_size: int | None = None
 
+
+#: The linear-ae's input size in the fast preset: on the leak-bounded casting
+#: split, the smoothed criteria gain with resolution up to here while the
+#: fit stays within minutes on a 2-core CPU (docs/results.md).
+LINEAR_SIZE = 256
 
 PRESETS = {
     # The paper's configuration.
     "paper": Preset(size=300, epochs=100, batch_size=64, lr=1e-4),
     # CPU-friendly: at 128 px a pinhole is still 2-4 pixels wide while an
     # epoch costs 6-7x less than at 300 px; see docs/training.md.
-    "fast": Preset(size=128, epochs=40, batch_size=32, lr=1e-3, patience=8),
+    "fast": Preset(size=128, epochs=40, batch_size=32, lr=1e-3, patience=8, linear_size=LINEAR_SIZE),
 }
 
 
@@ -93,6 +100,9 @@ class TrainConfig:
         if self.model not in MODEL_KINDS:
             raise ConfigError(f"Unknown model '{self.model}'. Choose one of: {', '.join(MODEL_KINDS)}.")
         preset = asdict(PRESETS[self.preset])
+        linear_size = preset.pop("linear_size")
+        if self.model == "linear-ae" and self.size is None and linear_size is not None:
+            preset["size"] = linear_size
         filled = replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
         if filled.augment is None:
             filled = replace(filled, augment="d4" if filled.model == "linear-ae" else "none")

@@ -49,3 +49,28 @@ def test_train_succeeds_and_summarises(normal_dir, tmp_path):
 def test_resume_without_checkpoint_exits_1(normal_dir, tmp_path):
     result = runner.invoke(app, ["train", "--model", "conv-ae", "--normal", str(normal_dir), "--out", str(tmp_path / "r"), "--resume"])
     assert result.exit_code == 1 and "Cannot resume" in result.stderr
+
+
+def test_train_defaults_to_the_linear_ae(normal_dir, tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--normal", str(normal_dir), "--out", str(run), "--size", "32",
+                                 "--components", "16"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "Trained linear-ae" in result.output and "16 components, closed form" in result.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["model"] == "linear-ae" and config["train"]["augment"] == "d4"
+    assert "near-duplicate" in config["split"]["rule"]
+    assert json.loads((run / "calibration.json").read_text())["default_criterion"] == "smooth_range"
+
+
+def test_demo_runs_the_main_job_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "--count", "80", "--size", "32", "--components", "32"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert (out / "runs" / "linear-ae" / "eval" / "report.md").is_file()
+    assert (out / "models" / "linear-ae" / "model.onnx").is_file()
+    text = " ".join(result.output.split())
+    assert "Lean runtime on the test parts" in text, text
+    assert "test/ok" in text and "test/ng" in text
+    again = runner.invoke(app, ["demo", "--out", str(out)])
+    assert again.exit_code == 1 and "already holds files" in again.stderr

@@ -99,13 +99,17 @@ def augment_d4(images: np.ndarray) -> np.ndarray:
     return np.concatenate(views)
 
 
-def principal_components(images: np.ndarray, components: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+def principal_components(images: np.ndarray, components: int, *, seed: int = 0,
+                         overwrite: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Mean and leading principal axes of ``(n, H, W)`` images.
 
     Randomized SVD (scikit-learn's, four power iterations) when far fewer
     components than images and pixels are asked for, otherwise a full SVD;
     both give the same subspace to well within what the criteria can tell
     apart (``tests/export/test_models.py`` compares them).
+
+    With ``overwrite``, float32 ``images`` are centred in place instead of
+    copied (the augmented views of a large fit are gigabytes).
 
     Returns:
         ``(mean (P,), axes (K, P), explained)``: float32 mean and orthonormal
@@ -115,7 +119,7 @@ def principal_components(images: np.ndarray, components: int, *, seed: int = 0) 
         ConfigError: more components than images or pixels.
     """
     n = images.shape[0]
-    x = images.reshape(n, -1).astype(np.float32)
+    x = images.reshape(n, -1).astype(np.float32, copy=not overwrite)
     if components > min(x.shape):
         raise ConfigError(
             f"components ({components}) must not exceed the number of training images ({n}, after "
@@ -170,7 +174,7 @@ def fit_linear_ae(model: Autoencoder, images: np.ndarray, *, augment: str = "d4"
         raise ConfigError(f"images must be (n, {height}, {width}) for this model, found {images.shape}.")
     views = augment_d4(images) if augment == "d4" else images
     components = model.encoder.get_layer("project").units
-    mean, axes, explained = principal_components(views, components, seed=seed)
+    mean, axes, explained = principal_components(views, components, seed=seed, overwrite=augment == "d4")
     set_components(model, mean, axes)
     recon = model.predict(images[..., None], batch_size=64, verbose=0)[..., 0]
     return {

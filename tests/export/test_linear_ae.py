@@ -160,3 +160,12 @@ def test_onnx_export_matches_keras(normal_dir, tmp_path):
     got = session.run(["reconstruction"], {"image": images})[0]
     want = reconstruct(load_run(run).model, images)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_fast_preset_gives_the_linear_ae_its_own_size():
+    from export.train import LINEAR_SIZE, PRESETS
+
+    assert TrainConfig(model="linear-ae", normal_dir="x", out_dir="y").resolved().size == LINEAR_SIZE
+    assert TrainConfig(model="conv-ae", normal_dir="x", out_dir="y").resolved().size == PRESETS["fast"].size
+    assert TrainConfig(model="linear-ae", normal_dir="x", out_dir="y", size=64).resolved().size == 64
+    assert TrainConfig(model="linear-ae", normal_dir="x", out_dir="y", preset="paper").resolved().size == 300

@@ -163,7 +163,7 @@ def test_padding_rule():
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 @pytest.mark.parametrize("size", [(32, 32), (30, 30), (28, 36)])
 def test_output_shape_equals_input_shape(kind, size):
-    model = build_model(kind, size, seed=0)
+    model = build_model(kind, size, seed=0, components=16)
     x = discs(2, size)
     y = model.predict(x, verbose=0)
     assert y.shape == x.shape and y.dtype == np.float32
@@ -179,7 +179,7 @@ def test_output_shape_equals_input_shape(kind, size):
 
 def test_smallest_size_and_bad_shapes():
     for kind in MODEL_KINDS:
-        assert build_model(kind, (8, 8), seed=0)(discs(1, (8, 8))).shape == (1, 8, 8, 1)
+        assert build_model(kind, (8, 8), seed=0, components=16)(discs(1, (8, 8))).shape == (1, 8, 8, 1)
     with pytest.raises(ConfigError, match="at least 8"):
         build_model("vae", (7, 32))
     with pytest.raises(ConfigError, match="channels"):
@@ -199,7 +199,7 @@ def test_unknown_kind_is_a_config_error():
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_new_models_are_built(kind):
-    model = build_model(kind, (28, 36), seed=0)
+    model = build_model(kind, (28, 36), seed=0, components=16)
     assert model.built and model.count_params() > 0
     assert model.get_build_config() == {"input_shape": (None, 28, 36, 1)}
 

@@ -53,7 +53,7 @@ def test_an_edited_card_is_refused_naming_the_key(model_copy):
         card["calibration"]["criteria"][name]["threshold"] *= 0.5
 
     _edit_card(model_copy, lower_threshold)
-    with pytest.raises(ModelCardError, match=r"differ at 'calibration\.criteria\.range\.threshold'"):
+    with pytest.raises(ModelCardError, match=r"differ at 'calibration\.criteria\.smooth_range\.threshold'"):
         Inspector.load(model_copy, device="cpu")
 
 
