@@ -7,8 +7,9 @@ same preprocessing, the same training/validation images: those of
 ``SPLIT/linear-ae/split.json``, the same randomized SVD) and scores the
 validation images and ``SPLIT/eval_ok`` + ``SPLIT/eval_def`` with the fused
 kernel, without writing a run folder. Prints AUC-ROC, AUC-PR, and F1 and
-the false-alarm rate at the label-free threshold (95th percentile of the
-validation normals) for the leading criteria, and the balanced-view AUC
+the false-alarm rate at the label-free threshold (``edge_inspect.calibrate``
+on the validation normals, its defaults: the 95th percentile) for the
+leading criteria, and the balanced-view AUC
 (the first ``len(eval_ok)`` defective images). ``--augment rotN`` fits N
 evenly spaced rotations of each image and of its mirror image instead of
 the quarter turns. Decoded images are cached in ``SPLIT/.cache``.
@@ -27,12 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edge_inspect.calibrate import calibrate, is_anomalous, oriented  # noqa: E402
 from edge_inspect.kernels import CRITERIA, criteria  # noqa: E402
 from export.data import load_batch  # noqa: E402
 from export.models.linear_ae import augment_d4, principal_components  # noqa: E402
 
 SHOWN = ("range", "min", "smooth_range", "smooth_min", "kurtosis")
-SIGN = {"range": 1, "min": -1, "smooth_range": 1, "smooth_min": -1, "kurtosis": 1}
 
 
 def images(split: Path, name: str, paths: list[Path], size: int) -> np.ndarray:
@@ -95,10 +96,12 @@ def main() -> None:
     print(f"{args.split.name}: {args.size} px, {args.components} components, augment {args.augment}; "
           f"{len(train)} training images, fit {seconds:.0f} s, {100 * explained:.1f}% of variance; "
           f"{len(val)} calibration, {len(ok)} + {len(bad)} evaluation images")
+    calibration = calibrate(cal, CRITERIA)
     for name in SHOWN:
         j = CRITERIA.index(name)
-        s, c = SIGN[name] * evals[:, j], SIGN[name] * cal[:, j]
-        flagged = s > np.quantile(c, 0.95)
+        entry = calibration["criteria"][name]
+        s = oriented(evals[:, j], entry)
+        flagged = is_anomalous(evals[:, j], entry)
         print(f"  {name:13s} AUC-ROC {roc_auc_score(labels, s):.4f}  AUC-PR {average_precision_score(labels, s):.4f}  "
               f"F1 {f1_score(labels, flagged):.4f}  false alarms {flagged[labels == 0].mean():.3f}  "
               f"balanced AUC-ROC {roc_auc_score(labels[balanced], s[balanced]):.4f}")
