@@ -165,7 +165,8 @@ def export_run(
     if anomalous_dir is not None:
         anomalous = load_batch(scan_folder(anomalous_dir, run.size).paths, run.size)[..., 0]
 
-    log.info("Converting %s (%s, %dx%d) with tf2onnx, opset %d", run_dir, run.kind, *run.size, opset)
+    how = "writing its two Gemms directly" if run.kind == "linear-ae" else "with tf2onnx"
+    log.info("Converting %s (%s, %dx%d) %s, opset %d", run_dir, run.kind, *run.size, how, opset)
     fp32 = convert(run.model, run.size, opset)
     card = _card(run, calibration, keras_sha, opset, default_precision)
 
@@ -215,6 +216,8 @@ def convert(model, size: tuple[int, int], opset: int = DEFAULT_OPSET, *, subpixe
         and output :data:`~edge_inspect.card.OUTPUT_NAME`, float32, the batch
         axis named ``batch``.
     """
+    if getattr(model, "name", None) == "linear_ae":
+        return linear_graph(model, size, opset)
     import tensorflow as tf
     import tf2onnx
 
@@ -234,6 +237,54 @@ def convert(model, size: tuple[int, int], opset: int = DEFAULT_OPSET, *, subpixe
     for value in (*graph.input, *graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
     return subpixel_conv_transpose(proto) if subpixel else proto
+
+
+def linear_graph(model, size: tuple[int, int], opset: int = DEFAULT_OPSET):
+    """The linear-ae's ONNX graph, written directly: two Gemms sharing one matrix.
+
+    tf2onnx freezes each Dense kernel into a constant and its optimizers copy
+    constants many times over: for the default linear-ae (256 x 256 pixels,
+    1,024 components, two 268 MB kernels) the conversion passed 21 GB of
+    memory and was killed on a 24 GB machine. The graph is two matrix
+    products, so it is written here with ``onnx.helper``, from the Keras
+    weights, and checked against Keras like every other export:
+
+        reconstruction = reshape(Gemm(Gemm(x - mean, W, transB=1), W) + mean)
+
+    ``W`` (``(K, P)``, the axes) is stored once: the encoder uses it
+    transposed through ``transB``. Same interface as :func:`convert`.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    height, width = size
+    kernel, _ = model.encoder.get_layer("project").get_weights()  # (P, K) = W.T
+    axes, mean = model.decoder.get_layer("reconstruct").get_weights()  # (K, P), (P,)
+    if not np.allclose(kernel.T, axes):
+        raise ModelCardError("The linear-ae's encoder and decoder do not hold the same axes; refit the model.")
+    pixels = height * width
+    initializers = [
+        numpy_helper.from_array(np.ascontiguousarray(axes, np.float32), "axes"),
+        numpy_helper.from_array(mean.astype(np.float32), "mean"),
+        numpy_helper.from_array(np.array([-1, pixels], np.int64), "flat_shape"),
+        numpy_helper.from_array(np.array([-1, height, width], np.int64), "image_shape"),
+    ]
+    nodes = [
+        helper.make_node("Reshape", [INPUT_NAME, "flat_shape"], ["flat"], name="flatten"),
+        helper.make_node("Sub", ["flat", "mean"], ["centred"], name="centre"),
+        helper.make_node("Gemm", ["centred", "axes"], ["code"], name="project", transB=1),
+        helper.make_node("Gemm", ["code", "axes", "mean"], ["flat_reconstruction"], name="reconstruct"),
+        helper.make_node("Reshape", ["flat_reconstruction", "image_shape"], [OUTPUT_NAME], name="image_shape"),
+    ]
+    graph = helper.make_graph(
+        nodes, "linear_ae",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", height, width])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", height, width])],
+        initializer=initializers,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edge-inspect")
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
 
 
 def subpixel_conv_transpose(proto):

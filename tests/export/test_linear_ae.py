@@ -154,6 +154,12 @@ def test_onnx_export_matches_keras(normal_dir, tmp_path):
     assert parity["max_abs_diff"] <= FP32_TOLERANCE and parity["verdicts_identical"]
     card = load_card(tmp_path / "model")
     assert card.model_kind == "linear-ae"
+    import onnx
+
+    graph = onnx.load(tmp_path / "model" / "model.onnx").graph
+    matrices = [t for t in graph.initializer if len(t.dims) == 2]
+    assert [tuple(t.dims) for t in matrices] == [(24, 32 * 32)]  # the axes, stored once for both products
+    assert [n.op_type for n in graph.node].count("Gemm") == 2
 
     images = parts(6, size=32, seed=5)
     session = ort.InferenceSession(str(tmp_path / "model" / "model.onnx"), providers=["CPUExecutionProvider"])
