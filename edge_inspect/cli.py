@@ -513,9 +513,9 @@ def watch(
 
     Examples:
 
-        edge-inspect watch /srv/parts --model models/conv-ae --sort --results /var/log/verdicts.jsonl
+        edge-inspect watch /srv/parts --model models/linear-ae --sort --results /var/log/verdicts.jsonl
 
-        edge-inspect watch --camera rtsp://10.0.0.7/stream1 --model models/conv-ae --every 5
+        edge-inspect watch --camera rtsp://10.0.0.7/stream1 --model models/linear-ae --every 5
     """
     from edge_inspect.watch import run_watch
 
