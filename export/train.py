@@ -359,7 +359,8 @@ def _resume_config(run_dir: Path, overrides: TrainConfig) -> TrainConfig:
     """The saved configuration; only ``epochs`` may be raised on resume."""
     saved = json.loads((run_dir / "config.json").read_text())
     names = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in saved["train"].items() if k in names})
+    # Runs from before grouped splits held out a plain hashed share: keep it.
+    config = TrainConfig(**{"group_split": False, **{k: v for k, v in saved["train"].items() if k in names}})
     if overrides.epochs is not None and overrides.epochs != config.epochs:
         config = replace(config, epochs=overrides.epochs)
     return config

@@ -53,6 +53,19 @@ def test_resume_continues_from_the_checkpoint(normal_dir, tmp_path):
     assert [r["loss"] for r in rows[:2]] == [str(h["loss"]) for h in before["history"]]
 
 
+def test_a_run_from_before_grouped_splits_resumes_with_its_own_split(normal_dir, tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(model="conv-ae", normal_dir=str(normal_dir), out_dir=str(run), epochs=1, group_split=False, **TINY),
+          progress=False)
+    config = json.loads((run / "config.json").read_text())
+    del config["train"]["group_split"]  # as config.json was written before the option existed
+    (run / "config.json").write_text(json.dumps(config))
+    split = json.loads((run / "split.json").read_text())
+    train(TrainConfig(model="conv-ae", normal_dir=str(normal_dir), out_dir=str(run), epochs=2), resume=True, progress=False)
+    assert json.loads((run / "split.json").read_text())["val"] == split["val"]
+    assert json.loads((run / "config.json").read_text())["train"]["group_split"] is False
+
+
 def test_early_stopping_keeps_the_best_model(tmp_path):
     import keras
 
