@@ -46,11 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 TEST_RATIO = 453 / 262
 
 
-def _unit(name: str) -> float:
-    return int.from_bytes(hashlib.sha256(f"casting-dev:{name}".encode()).digest()[:8], "big") / 2**64
-
-
-def _unit_of(key: str) -> float:
+def _unit(key: str) -> float:
+    """sha256 of ``key`` read as a fraction in [0, 1)."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
@@ -67,7 +64,7 @@ def grouped_sides(ok: list[Path], defective: list[Path], eval_fraction: float, l
     first = {}
     for path, label in zip(ok, labels):
         first.setdefault(label, path.name)
-    order = sorted(first, key=lambda g: _unit_of(f"casting-group:{first[g]}"))
+    order = sorted(first, key=lambda g: _unit(f"casting-group:{first[g]}"))
     chosen, count = set(), 0
     for group in order:
         if count >= eval_fraction * len(ok):
@@ -97,13 +94,13 @@ def main() -> None:
     args = parser.parse_args()
 
     ok = sorted(p for p in (args.data / "train" / "ok").iterdir() if p.is_file())
-    defective = sorted((p for p in (args.data / "train" / "def").iterdir() if p.is_file()), key=lambda p: _unit(p.name))
+    defective = sorted((p for p in (args.data / "train" / "def").iterdir() if p.is_file()), key=lambda p: _unit(f"casting-dev:{p.name}"))
     if args.grouped:
         sides = grouped_sides(ok, defective, args.eval_fraction, args.link)
     else:
         sides = {
-            "train_ok": [p for p in ok if _unit(p.name) >= args.eval_fraction],
-            "eval_ok": [p for p in ok if _unit(p.name) < args.eval_fraction],
+            "train_ok": [p for p in ok if _unit(f"casting-dev:{p.name}") >= args.eval_fraction],
+            "eval_ok": [p for p in ok if _unit(f"casting-dev:{p.name}") < args.eval_fraction],
         }
         sides["eval_def"] = sorted(defective[: len(sides["eval_ok"])])
     for side, paths in sides.items():
