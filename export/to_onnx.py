@@ -209,7 +209,9 @@ def convert(model, size: tuple[int, int], opset: int = DEFAULT_OPSET, *, subpixe
         size: ``(H, W)``.
         opset: the ONNX opset.
         subpixel: replace transposed convolutions with the equivalent
-            Conv + DepthToSpace (:func:`subpixel_conv_transpose`).
+            Conv + DepthToSpace (:func:`subpixel_conv_transpose`), then move
+            a pixel shuffle past the narrow Conv that follows it
+            (:func:`shuffle_after_narrow_conv`).
 
     Returns:
         An ``onnx.ModelProto`` with input :data:`~edge_inspect.card.INPUT_NAME`
@@ -236,7 +238,7 @@ def convert(model, size: tuple[int, int], opset: int = DEFAULT_OPSET, *, subpixe
     graph.output[0].name = OUTPUT_NAME
     for value in (*graph.input, *graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    return subpixel_conv_transpose(proto) if subpixel else proto
+    return shuffle_after_narrow_conv(subpixel_conv_transpose(proto)) if subpixel else proto
 
 
 def linear_graph(model, size: tuple[int, int], opset: int = DEFAULT_OPSET):
@@ -343,6 +345,131 @@ def subpixel_conv_transpose(proto):
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return proto
+
+
+MAX_TAP_RATIO = 1.5  # shuffle_after_narrow_conv: multiply-adds allowed, x the original Conv's
+
+
+def shuffle_after_narrow_conv(proto):
+    """Run a ``DepthToSpace -> Conv`` pair as ``Conv -> DepthToSpace`` when the Conv narrows.
+
+    Why: the conv AE ends with a pixel shuffle to 32 channels at full size
+    and a 5 x 5 Conv from those 32 channels to the single output channel.
+    On the CPU both are slow for their size: the shuffle moves every value
+    of the largest tensor of the graph, with a transpose either side of it
+    in int8 (ONNX Runtime runs QLinearConv in NHWC), and a one-channel Conv
+    is a matrix-vector product after an image-sized im2col. Together they
+    were a quarter of the int8 graph's time. Run instead at the shuffle's
+    input size, on the phases, the Conv produces its output's phases, and
+    the shuffle then moves one channel's worth of values.
+
+    The equivalence (one axis; the two axes are independent). With block
+    size s, the shuffle writes phase ``r`` of input channel ``c`` at
+    ``X[s*m + r] = P_{c,r}[m]``. The Conv (stride 1, kernel k, leading pad
+    p, ``k - 1`` pads in all so the size is kept) computes
+    ``Y[y] = b + sum_t W[t] * X[y + t - p]``. Write ``y = s*m + q``: tap t
+    reads ``X[s*m + q + t - p] = P_r[m + e]`` with ``r = (q + t - p) mod s``
+    and ``e = (q + t - p) // s``. So output phase q is an ordinary
+    correlation of the input phases over the offsets e, with the kernel
+    ``K[q, r, e] = sum of W[t] over the taps t that land on (r, e)``.
+    Zero padding agrees: ``s*m + j`` is outside ``[0, s*H)`` exactly when
+    m is outside ``[0, H)``. An element-wise Sigmoid or Relu after the
+    Conv commutes with the shuffle and moves before it.
+
+    Rewritten only when it pays: the Conv narrows (``Cout * s * s <= Cin``:
+    the moved shuffle carries no more values than before) and its
+    multiply-adds grow by at most :data:`MAX_TAP_RATIO` (the offsets e of
+    a 5 x 5 Conv after a 2 x shuffle span 3 x 3 low-size taps, so
+    ``4 * 9 / 25 = 1.44``; a 3 x 3 Conv would cost 4x and is left alone).
+    ``tests/export/test_to_onnx.py`` checks it on random weights, and every
+    export checks the whole graph against Keras.
+
+    Returns:
+        A new ``onnx.ModelProto``; ``proto`` is not modified.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = list(graph.node)
+    for conv in [n for n in nodes if n.op_type == "Conv"]:
+        producer = {o: n for n in nodes for o in n.output}
+        consumers: dict[str, list] = {}
+        for node in nodes:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        shuffle = producer.get(conv.input[0])
+        if shuffle is None or shuffle.op_type != "DepthToSpace" or len(consumers[shuffle.output[0]]) != 1:
+            continue
+        rewritten = _phase_conv(conv, shuffle, inits, helper, numpy_helper)
+        if rewritten is None:
+            continue
+        weight, bias, pads, block = rewritten
+        base = conv.name or conv.output[0]
+        names = [f"{base}/phase_weight", f"{base}/phase_bias"]
+        graph.initializer.extend([numpy_helper.from_array(weight, names[0]), numpy_helper.from_array(bias, names[1])])
+        phases = f"{base}/phases"
+        new_conv = helper.make_node("Conv", [shuffle.input[0], *names], [phases], name=f"{base}/phase_conv",
+                                    kernel_shape=list(weight.shape[2:]), pads=pads, strides=[1, 1])
+        chain, last = [new_conv], conv.output[0]
+        after = consumers.get(last, [])
+        if len(after) == 1 and after[0].op_type in ("Sigmoid", "Relu") and last not in {o.name for o in graph.output}:
+            act = after[0]
+            last = act.output[0]
+            chain.append(helper.make_node(act.op_type, [phases], [f"{phases}/{act.op_type.lower()}"], name=act.name))
+            nodes.remove(act)
+        moved = helper.make_node("DepthToSpace", [chain[-1].output[0]], [last], name=shuffle.name,
+                                 blocksize=block, mode="CRD")
+        at = nodes.index(conv)
+        nodes[at:at + 1] = [*chain, moved]
+        nodes.remove(shuffle)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return proto
+
+
+def _phase_conv(conv, shuffle, inits, helper, numpy_helper):
+    """``(weight, bias, pads, block)`` of the Conv on the phases, or None when not worth it or not rewritable."""
+    shuffle_attrs = {a.name: helper.get_attribute_value(a) for a in shuffle.attribute}
+    if shuffle_attrs.get("mode", b"DCR") not in (b"CRD", "CRD"):
+        return None
+    s = shuffle_attrs["blocksize"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    if conv.input[1] not in inits or len(conv.input) < 3 or conv.input[2] not in inits:
+        return None
+    if attrs.get("group", 1) != 1 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None
+    if any(v != 1 for v in attrs.get("strides", [1, 1])) or any(v != 1 for v in attrs.get("dilations", [1, 1])):
+        return None
+    weight = numpy_helper.to_array(inits[conv.input[1]])  # (Cout, Cin, kh, kw)
+    bias = numpy_helper.to_array(inits[conv.input[2]])
+    if weight.ndim != 4:
+        return None
+    cout, cin, *kernel = weight.shape
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    if any(pads[a] + pads[a + 2] != kernel[a] - 1 for a in range(2)) or cout * s * s > cin:
+        return None
+    low = [-pads[a] // s for a in range(2)]
+    high = [(s - 1 + kernel[a] - 1 - pads[a]) // s for a in range(2)]
+    size = [high[a] - low[a] + 1 for a in range(2)]
+    if s * s * size[0] * size[1] > MAX_TAP_RATIO * kernel[0] * kernel[1]:
+        return None
+    phase_w = np.zeros((cout, s, s, cin, s, s, *size), weight.dtype)
+    for qy in range(s):
+        for qx in range(s):
+            for ty in range(kernel[0]):
+                ey, ry = divmod(qy + ty - pads[0], s)
+                for tx in range(kernel[1]):
+                    ex, rx = divmod(qx + tx - pads[1], s)
+                    phase_w[:, qy, qx, :, ry, rx, ey - low[0], ex - low[1]] += weight[:, :, ty, tx]
+    phase_w = phase_w.reshape(cout * s * s, cin * s * s, *size)  # CRD on both sides: channel = c*s*s + r*s + q
+    return phase_w, np.repeat(bias, s * s), [-low[0], -low[1], high[0], high[1]], s
 
 
 def _relu_before_shuffle(nodes: list) -> None:

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_inspect.card import METADATA_KEY, load_card
 from edge_inspect.errors import ConfigError, ModelCardError
-from export.to_onnx import FP32_TOLERANCE, export_run, subpixel_conv_transpose
+from export.to_onnx import FP32_TOLERANCE, export_run, shuffle_after_narrow_conv, subpixel_conv_transpose
 from tests.runtime.conftest import conv_ae_run, model_dir, tiny_base, tiny_run  # noqa: F401  (shared fixtures)
 
 
@@ -55,12 +55,14 @@ def test_int8_export_reports_score_change_and_agreement(model_dir):  # noqa: F81
     quantised = onnx.load(model_dir / "model.int8.onnx")
     ops = {n.op_type for n in quantised.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and "ConvTranspose" not in ops
-    # the pixel shuffles move uint8 values: no Dequantize before them, no Quantize after
+    # the decoder's pixel shuffles move uint8 values: no Dequantize before them, no Quantize after
     producer = {o: n.op_type for n in quantised.graph.node for o in n.output}
     consumers = {i: n.op_type for n in quantised.graph.node for i in n.input}
-    shuffles = [n for n in quantised.graph.node if n.op_type == "DepthToSpace"]
-    assert len(shuffles) == 3
-    assert all(producer[n.input[0]] == "QuantizeLinear" and consumers[n.output[0]] == "DequantizeLinear" for n in shuffles)
+    *inner, last = [n for n in quantised.graph.node if n.op_type == "DepthToSpace"]
+    assert len(inner) == 2
+    assert all(producer[n.input[0]] == "QuantizeLinear" and consumers[n.output[0]] == "DequantizeLinear" for n in inner)
+    # the last one moved past the one-channel output Conv and its Sigmoid: it shuffles the output's phases
+    assert producer[last.input[0]] == "DequantizeLinear" and consumers[last.output[0]] == "Slice"
 
 
 def test_int8_with_anomalous_images_reports_auc_change(conv_ae_run, defect_dir, tmp_path):  # noqa: F811
@@ -113,6 +115,53 @@ def test_subpixel_rewrite_equals_conv_transpose(cin, cout, kernel, stride, pads)
     expected, found = run(model), run(rewritten)
     assert found.shape == expected.shape == (2, cout, 7 * stride, 9 * stride)
     np.testing.assert_allclose(found, expected, atol=1e-5)
+
+
+def _shuffle_conv_model(cin, cout, kernel, pads, block, activation, rng):
+    """x -> DepthToSpace(CRD) -> Conv (random weights) [-> activation] -> y."""
+    weight = rng.normal(size=(cout, cin, kernel, kernel)).astype(np.float32)
+    bias = rng.normal(size=cout).astype(np.float32)
+    nodes = [helper.make_node("DepthToSpace", ["x"], ["shuffled"], blocksize=block, mode="CRD"),
+             helper.make_node("Conv", ["shuffled", "w", "b"], ["conv" if activation else "y"], pads=pads)]
+    if activation:
+        nodes.append(helper.make_node(activation, ["conv"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, cin * block * block, None, None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "pads", "block", "activation"),
+    [(32, 1, 5, [2, 2, 2, 2], 2, "Sigmoid"),  # the conv AE's last layer
+     (8, 2, 5, [2, 2, 2, 2], 2, "Relu"),
+     (9, 1, 9, [4, 4, 4, 4], 2, None),  # 4 * 5 * 5 / 81 taps
+     (27, 3, 7, [3, 3, 3, 3], 3, None)],  # block 3: 9 * 9 / 49 taps, over the ratio, allowed here
+)
+def test_shuffle_after_narrow_conv_is_exact(cin, cout, kernel, pads, block, activation, monkeypatch):
+    """Conv on the phases, then the shuffle, computes what the shuffle, then the Conv, does."""
+    monkeypatch.setattr("export.to_onnx.MAX_TAP_RATIO", 2.0)  # the derivation, tested past the cost rule
+    rng = np.random.default_rng(1)
+    model = _shuffle_conv_model(cin, cout, kernel, pads, block, activation, rng)
+    rewritten = shuffle_after_narrow_conv(model)
+    assert [n.op_type for n in rewritten.graph.node] == ["Conv", *([activation] if activation else []), "DepthToSpace"]
+    x = rng.normal(size=(2, cin * block * block, 6, 11)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    expected, found = run(model), run(rewritten)
+    assert found.shape == expected.shape == (2, cout, 6 * block, 11 * block)
+    np.testing.assert_allclose(found, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "pads", "why"),
+    [(32, 1, 3, [1, 1, 1, 1], "3 x 3: four times the multiply-adds"),
+     (32, 1, 5, [1, 2, 3, 2], "uneven padding: 4 x 4 x 3 / 25 taps"),
+     (8, 4, 5, [2, 2, 2, 2], "widens: 4 x 4 phase channels > 8")],
+)
+def test_shuffle_after_narrow_conv_leaves_costly_cases(cin, cout, kernel, pads, why):
+    model = _shuffle_conv_model(cin, cout, kernel, pads, 2, None, np.random.default_rng(2))
+    assert [n.op_type for n in shuffle_after_narrow_conv(model).graph.node] == ["DepthToSpace", "Conv"], why
 
 
 def test_not_a_run_folder(tmp_path):
