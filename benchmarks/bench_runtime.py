@@ -1,10 +1,10 @@
 """Benchmark: the paper-style Keras pipeline against the ONNX Runtime inspector (a script, not a test).
 
 Times, in one run, on the same decoded images, the same model and the same
-input size, from a decoded image to its eleven criteria and its verdict:
+input size, from a decoded image to its fourteen criteria and its verdict:
 
 - ``keras predict``: the paper-style pipeline: the shared preprocessing,
-  Keras ``model.predict`` on the batch, then the eleven criteria with the
+  Keras ``model.predict`` on the batch, then the fourteen criteria with the
   plain NumPy/SciPy twins of ``tests/runtime/naive.py`` image by image
   (``NUMPY_TWINS``), then the threshold;
 - ``keras call``: the same with ``model(x, training=False)`` in place of
@@ -13,8 +13,10 @@ input size, from a decoded image to its eleven criteria and its verdict:
 - ``runtime fp32`` and ``runtime int8``: :class:`edge_inspect.inspector.Inspector`
   on the model folder's ``model.onnx`` and ``model.int8.onnx``;
 - ablations of the export and session choices: the graphs with the
-  original ConvTranspose (no subpixel rewrite) at fp32 and int8, and int8
-  with ORT's spinning worker threads (``allow_spinning=1``).
+  original ConvTranspose (no subpixel rewrite) at fp32 and int8; with the
+  subpixel rewrite but the last pixel shuffle before the output Conv (no
+  ``shuffle_after_narrow_conv``) at fp32 and int8; and int8 with ORT's
+  spinning worker threads (``allow_spinning=1``).
 
 Throughput: every pipeline processes the same ``--timing-images`` images in
 batches of ``--batch`` per round, the pipelines taking turns within each
@@ -149,7 +151,7 @@ def main() -> int:
     import tensorflow as tf
 
     import export.models  # noqa: F401  (registers the model classes)
-    from export.to_onnx import convert, quantize_int8, _quant_images
+    from export.to_onnx import _quant_images, convert, quantize_int8, subpixel_conv_transpose
     from export.scoring import load_run
 
     load0 = os.getloadavg()
@@ -180,10 +182,17 @@ def main() -> int:
     if not args.no_ablations:
         tmp = Path("/tmp") / f"bench-runtime-{os.getpid()}"
         tmp.mkdir(exist_ok=True)
-        plain_int8 = quantize_int8(plain, _quant_images(run), tmp)
+        quant_images = _quant_images(run)
+        plain_int8 = quantize_int8(plain, quant_images, tmp)
+        early = subpixel_conv_transpose(plain)  # the last shuffle stays before the output Conv
+        early_int8 = quantize_int8(early, quant_images, tmp)
         tmp.rmdir()
         pipelines["fp32, ConvTranspose"] = runtime_pipeline(inspector_from_graph(card, plain.SerializeToString(), "fp32"))
         pipelines["int8, ConvTranspose"] = runtime_pipeline(inspector_from_graph(card, plain_int8.SerializeToString(), "int8"))
+        pipelines["fp32, shuffle before output Conv"] = runtime_pipeline(
+            inspector_from_graph(card, early.SerializeToString(), "fp32"))
+        pipelines["int8, shuffle before output Conv"] = runtime_pipeline(
+            inspector_from_graph(card, early_int8.SerializeToString(), "int8"))
         int8_bytes = card.path("int8").read_bytes()
         pipelines["int8, spinning on"] = runtime_pipeline(inspector_from_graph(card, int8_bytes, "int8", spinning=True))
     for run_fn in pipelines.values():  # warm-up: JIT, TF graph tracing, ORT buffers
