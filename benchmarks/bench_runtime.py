@@ -16,14 +16,16 @@ input size, from a decoded image to its fourteen criteria and its verdict:
   original ConvTranspose (no subpixel rewrite) at fp32 and int8; with the
   subpixel rewrite but the last pixel shuffle before the output Conv (no
   ``shuffle_after_narrow_conv``) at fp32 and int8; and int8 with ORT's
-  spinning worker threads (``allow_spinning=1``).
+  workers spinning after each run too (ORT's default) and never spinning.
 
 Throughput: every pipeline processes the same ``--timing-images`` images in
 batches of ``--batch`` per round, the pipelines taking turns within each
 round so that load from other processes falls on all alike; the table
 gives the median over ``--rounds`` rounds, and each ratio is the median of
 the per-round ratios. Single-image latency: ``--single`` images one at a
-time per round, median. AUC-ROC of the card's default criterion over all
+time per round, median; then ``--idle`` more, each after ``--idle-gap``
+seconds of idle (a lone part on a quiet line: thread wake-ups and cold
+caches included), p50 and p95. AUC-ROC of the card's default criterion over all
 the labelled images (``DATA/ok`` normal, ``DATA/def`` or ``DATA/ng``
 defective), once per pipeline.
 
@@ -57,7 +59,7 @@ from edge_inspect.card import load_card  # noqa: E402
 from edge_inspect.inspector import Inspector  # noqa: E402
 from edge_inspect.kernels import CRITERIA  # noqa: E402
 from edge_inspect.preprocess import preprocess, read_image  # noqa: E402
-from edge_inspect.session import create_session, session_options  # noqa: E402
+from edge_inspect.session import session_options  # noqa: E402
 from edge_inspect.sources.files import iter_image_files  # noqa: E402
 from tests.runtime import naive  # noqa: E402
 
@@ -120,15 +122,17 @@ def runtime_pipeline(inspector):
     return run
 
 
-def inspector_from_graph(card, proto_bytes, precision, *, spinning=False):
-    session, device = create_session(proto_bytes, "cpu")
-    if spinning:
-        import onnxruntime as ort
+def inspector_from_graph(card, proto_bytes, precision, *, spinning="stop"):
+    """An Inspector on ``proto_bytes``; ``spinning``: ``stop`` (the runtime's
+    choice: spin within a run, stop at its end), ``on`` (ORT's default: keep
+    spinning after a run) or ``off`` (never spin)."""
+    import onnxruntime as ort
 
-        options = session_options()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        session = ort.InferenceSession(proto_bytes, sess_options=options, providers=["CPUExecutionProvider"])
-    inspector = Inspector(card, session, device=device, precision=precision, batch_size=16)
+    options = session_options()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1" if spinning == "stop" else "0")
+    session = ort.InferenceSession(proto_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+    inspector = Inspector(card, session, device="cpu", precision=precision, batch_size=16)
     inspector.warmup()
     return inspector
 
@@ -142,6 +146,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--timing-images", type=int, default=128)
     parser.add_argument("--single", type=int, default=8)
+    parser.add_argument("--idle", type=int, default=4, help="images per round timed one at a time after an idle gap")
+    parser.add_argument("--idle-gap", type=float, default=0.25, help="seconds of idle before each of those")
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -194,12 +200,15 @@ def main() -> int:
         pipelines["int8, shuffle before output Conv"] = runtime_pipeline(
             inspector_from_graph(card, early_int8.SerializeToString(), "int8"))
         int8_bytes = card.path("int8").read_bytes()
-        pipelines["int8, spinning on"] = runtime_pipeline(inspector_from_graph(card, int8_bytes, "int8", spinning=True))
+        pipelines["int8, spinning after runs"] = runtime_pipeline(
+            inspector_from_graph(card, int8_bytes, "int8", spinning="on"))
+        pipelines["int8, no spinning"] = runtime_pipeline(inspector_from_graph(card, int8_bytes, "int8", spinning="off"))
     for run_fn in pipelines.values():  # warm-up: JIT, TF graph tracing, ORT buffers
         run_fn(timing[: args.batch])
 
     per_round = {k: [] for k in pipelines}
     single = {k: [] for k in pipelines}
+    idle = {k: [] for k in pipelines}
     for _ in range(args.rounds):
         for key, run_fn in pipelines.items():
             start = time.perf_counter()
@@ -210,6 +219,11 @@ def main() -> int:
                 start = time.perf_counter()
                 run_fn([image])
                 single[key].append((time.perf_counter() - start) * 1e3)
+            for image in timing[args.single: args.single + args.idle]:
+                time.sleep(args.idle_gap)
+                start = time.perf_counter()
+                run_fn([image])
+                idle[key].append((time.perf_counter() - start) * 1e3)
     load1 = os.getloadavg()
 
     aucs = {}
@@ -229,6 +243,7 @@ def main() -> int:
             "images_per_s": ips,
             "speedup_vs_keras_predict": float(np.median(np.array(per_round[key]) / base)),
             "single_ms_p50": float(np.median(single[key])),
+            "after_idle_ms_p50_p95": [float(np.percentile(idle[key], q)) for q in (50, 95)] if idle[key] else None,
             "auc_roc": aucs.get(key),
             "gflops_per_s": ips * model_flops / 1e9,
             "fraction_of_fp32_peak": ips * model_flops / 1e9 / peak,
@@ -245,12 +260,15 @@ def main() -> int:
     print(f"{card.model_kind} {size[0]}x{size[1]}, criterion {name}; FLOPs/image: "
           + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in flops.items()))
     print(f"| pipeline | images/s | x keras predict | 1-image ms (p50) | AUC-ROC ({report['auc_images']['normal']} + "
-          f"{report['auc_images']['defective']}) | GFLOP/s | of fp32 peak |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"{report['auc_images']['defective']}) | GFLOP/s | of fp32 peak | 1-image ms after {args.idle_gap:g} s idle "
+          "(p50 / p95) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         auc_text = f"{row['auc_roc']:.4f}" if row["auc_roc"] is not None else "-"
         print(f"| {row['pipeline']} | {row['images_per_s']:.1f} | {row['speedup_vs_keras_predict']:.2f} | "
-              f"{row['single_ms_p50']:.1f} | {auc_text} | {row['gflops_per_s']:.1f} | {row['fraction_of_fp32_peak']:.0%} |")
+              f"{row['single_ms_p50']:.1f} | {auc_text} | {row['gflops_per_s']:.1f} | {row['fraction_of_fp32_peak']:.0%} | "
+              + (" / ".join(f"{v:.1f}" for v in row["after_idle_ms_p50_p95"]) if row["after_idle_ms_p50_p95"] else "-")
+              + " |")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

@@ -50,11 +50,16 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
       a chain of layers (the dilation box's four branches are the only
       parallel part), so a second pool would only add threads that compete
       with the intra-op pool and the Numba kernel.
-    - ``session.intra_op.allow_spinning = 0``: by default ORT's worker
-      threads spin after each run, waiting for more work. Right after the
-      run the Numba criteria kernel wants those same cores; on a 2-core line
-      PC spinning threads slow it (and every other process) down. Measured
-      in ``docs/benchmarks.md``.
+    - Worker threads spin within a run and stop at its end
+      (``session.intra_op.allow_spinning = 1``,
+      ``session.force_spinning_stop = 1``). Between the operators of one
+      run a spinning worker picks up the next piece of work at once; a
+      blocked one must be woken, and after an idle spell (a lone part on a
+      quiet line) that wake-up costs enough to make the run a third slower
+      (measured on a 2-vCPU VM). By default ORT's workers also spin after a
+      run, waiting for more work, while the Numba criteria kernel wants
+      those same cores; on a 2-core line PC that slows the kernel and every
+      other process. Measured in ``docs/benchmarks.md``.
     - ``graph_optimization_level = ORT_ENABLE_ALL``: constant folding,
       Conv+activation fusion and the NCHWc layout for AVX2/AVX-512.
     - ``enable_cpu_mem_arena`` and ``enable_mem_pattern`` on: batches have a
@@ -77,7 +82,8 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options.enable_cpu_mem_arena = True
     options.enable_mem_pattern = True
     options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 

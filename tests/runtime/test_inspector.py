@@ -27,8 +27,9 @@ def test_session_options_are_pinned():
 
     Threads = the CPUs this process may use (ORT's default, the machine's
     cores, oversubscribes containers and taskset services); one inter-op
-    thread, sequential (the graphs are chains); no spinning after a run (the
-    Numba kernel and other processes need those cores next); every graph
+    thread, sequential (the graphs are chains); workers spin within a run
+    (no wake-up between operators) but not after it (the Numba kernel and
+    other processes need those cores next); every graph
     optimisation (NCHWc, fusions); arena and memory pattern on (fixed batch
     shapes reuse their buffers). docs/benchmarks.md has the measurements.
     """
@@ -38,7 +39,8 @@ def test_session_options_are_pinned():
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert options.enable_cpu_mem_arena and options.enable_mem_pattern
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     assert session_options(threads=1).intra_op_num_threads == 1
     with pytest.raises(ConfigError, match="threads must be a positive integer"):
         session_options(threads=0)
