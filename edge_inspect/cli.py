@@ -83,12 +83,24 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
 ) -> None:
     _state["debug"] = debug
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=debug)],
-        force=True,
-    )
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[_log_handler(debug)], force=True)
+
+
+def _log_handler(debug: bool) -> logging.Handler:
+    """Rich's columns on a terminal; plain lines to journald, a pipe or a file.
+
+    A Rich log line costs about 1.4 ms of CPU (layout and highlighting), a
+    plain one about 20 us. ``watch`` logs a line per verdict: as a service,
+    Rich would cost a burst more CPU than the pipeline's own work around
+    inference (docs/benchmarks.md#watch).
+    """
+    if err_console.is_terminal:
+        handler: logging.Handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=debug)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        return handler
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    return handler
 
 
 class ModelKind(str, Enum):
