@@ -256,7 +256,7 @@ def _print_calibration(cal: dict, run_dir: Path) -> None:
         mark = " (default)" if name == cal["default_criterion"] else ""
         table.add_row(name + mark, entry["polarity"], f"{entry['threshold']:.6g}", f"{q.get('0.5', float('nan')):.6g}", f"{q.get('0.99', float('nan')):.6g}")
     console.print(table)
-    console.print(f"Wrote {run_dir / 'calibration.json'}")
+    console.print(f"Wrote {run_dir / 'calibration.json'}", soft_wrap=True)
 
 
 @app.command()
@@ -599,7 +599,7 @@ def results(
                           "" if row.threshold is None else f"{row.threshold:.4g}", f"{row.latency_ms:.0f}")
         console.print(table)
     if exported is not None:
-        err_console.print(f"Wrote {exported} parts to {csv}", highlight=False)
+        err_console.print(f"Wrote {exported} parts to {csv}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:
