@@ -182,18 +182,27 @@ class Inspector:
         """Inspect one decoded image (any array :func:`preprocess` accepts)."""
         return self.inspect_batch([image], [source])[0]
 
-    def inspect_batch(self, images: Sequence[np.ndarray], sources: Sequence[str | None] | None = None) -> list[Result]:
+    def inspect_batch(self, images: Sequence[np.ndarray], sources: Sequence[str | None] | None = None, *,
+                      prepared: bool = False) -> list[Result]:
         """Inspect images in runs of :attr:`batch_size`, one result per image, in order.
 
         An image that cannot be preprocessed, or whose residual is not
         finite, gets an ``error`` result with the reason; the others are
         inspected as usual. An error of the session itself (the model
         cannot run) is raised, not hidden in results.
+
+        ``prepared``: the images are model inputs already, what
+        :func:`preprocess` returns for :attr:`size` (``(H, W)`` float32 in
+        [0, 1]), as the watcher's reader threads make them; they are copied
+        into the batch as they are, not preprocessed a second time on the
+        inference thread. One of another shape or dtype gets an ``error``
+        result.
         """
         sources = list(sources) if sources is not None else [None] * len(images)
         results: list[Result] = []
         for start in range(0, len(images), self.batch_size):
-            results += self._run(images[start:start + self.batch_size], sources[start:start + self.batch_size])
+            results += self._run(images[start:start + self.batch_size], sources[start:start + self.batch_size],
+                                 prepared)
         return results
 
     def decide(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -201,12 +210,20 @@ class Inspector:
         values = scores[:, self._column]
         return np.atleast_1d(oriented(values, self.entry)), np.atleast_1d(is_anomalous(values, self.entry))
 
-    def _run(self, images, sources) -> list[Result]:
+    def _run(self, images, sources, prepared: bool = False) -> list[Result]:
         start = time.perf_counter()
         n = len(images)
         batch = np.empty((n, *self.size), np.float32)
         errors: dict[int, str] = {}
         for i, image in enumerate(images):
+            if prepared:
+                if image.shape == self.size and image.dtype == np.float32:
+                    batch[i] = image
+                else:
+                    errors[i] = (f"a prepared input must be {self.size} float32, got {image.shape} {image.dtype}; "
+                                 "pass the decoded image without prepared=True")
+                    batch[i] = 0.0
+                continue
             try:
                 batch[i] = preprocess(np.asarray(image), self.size)
             except EdgeInspectError as exc:

@@ -460,7 +460,8 @@ class Watcher:
     def _inspect(self, batch: list[_Part]) -> None:
         good = [p for p in batch if p.error is None]
         if good:
-            results = self.inspector.inspect_batch([p.image for p in good], [p.ident["source"] for p in good])
+            results = self.inspector.inspect_batch([p.image for p in good], [p.ident["source"] for p in good],
+                                                   prepared=True)
             now = time.time()
             for part, result in zip(good, results):
                 part.result, part.inspected_at, part.image = result, now, None

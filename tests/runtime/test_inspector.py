@@ -109,6 +109,22 @@ def test_any_image_array_is_preprocessed_like_training(inspector):
     assert scores == pytest.approx([scores[0]] * 4, abs=2e-3)
 
 
+def test_prepared_inputs_skip_preprocessing_and_score_the_same(inspector):
+    """What the watcher's readers hand over (preprocess output) scores as the decoded image does."""
+    from edge_inspect.preprocess import preprocess
+
+    images = _parts(5, seed=6)
+    prepared = [preprocess(image, inspector.size) for image in images]
+    direct = inspector.inspect_batch(images)
+    again = inspector.inspect_batch(prepared, prepared=True)
+    assert [r.criteria for r in again] == [r.criteria for r in direct]
+    wrong = inspector.inspect_batch([prepared[0], images[1], prepared[2][:16]], prepared=True)
+    assert wrong[0].criteria == direct[0].criteria
+    assert [r.verdict for r in wrong[1:]] == ["error", "error"]
+    assert "a prepared input must be (32, 32) float32, got (32, 32) uint8" in wrong[1].error
+    assert "got (16, 32) float32" in wrong[2].error
+
+
 def test_a_bad_image_gets_an_error_result_and_the_others_go_on(inspector):
     nan_image = np.full((32, 32), np.nan, np.float32)
     results = inspector.inspect_batch([_parts(1)[0], np.zeros((32, 32), np.int32), nan_image])
