@@ -338,12 +338,7 @@ def subpixel_conv_transpose(proto):
         nodes += new_nodes
         graph.initializer.extend(new_inits)
     _relu_before_shuffle(nodes)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _set_nodes(graph, nodes)
     return proto
 
 
@@ -425,12 +420,7 @@ def shuffle_after_narrow_conv(proto):
         at = nodes.index(conv)
         nodes[at:at + 1] = [*chain, moved]
         nodes.remove(shuffle)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _set_nodes(graph, nodes)
     return proto
 
 
@@ -470,6 +460,16 @@ def _phase_conv(conv, shuffle, inits, helper, numpy_helper):
                     phase_w[:, qy, qx, :, ry, rx, ey - low[0], ex - low[1]] += weight[:, :, ty, tx]
     phase_w = phase_w.reshape(cout * s * s, cin * s * s, *size)  # CRD on both sides: channel = c*s*s + r*s + q
     return phase_w, np.repeat(bias, s * s), [-low[0], -low[1], high[0], high[1]], s
+
+
+def _set_nodes(graph, nodes: list) -> None:
+    """Make ``nodes`` the graph's nodes and drop the initializers no node reads any more."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def _relu_before_shuffle(nodes: list) -> None:
