@@ -128,9 +128,10 @@ def inspector_from_graph(card, proto_bytes, precision, *, spinning="stop"):
     spinning after a run) or ``off`` (never spin)."""
     import onnxruntime as ort
 
-    options = session_options()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")
-    options.add_session_config_entry("session.force_spinning_stop", "1" if spinning == "stop" else "0")
+    options = session_options()  # spinning="stop" is its own choice
+    if spinning != "stop":
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")
+        options.add_session_config_entry("session.force_spinning_stop", "0")
     session = ort.InferenceSession(proto_bytes, sess_options=options, providers=["CPUExecutionProvider"])
     inspector = Inspector(card, session, device="cpu", precision=precision, batch_size=16)
     inspector.warmup()

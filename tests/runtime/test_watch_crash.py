@@ -141,13 +141,17 @@ def check_consistent(folder: Path, names: list[str], results: Path | None, sort:
     return got
 
 
-@pytest.mark.parametrize("sinks", [False, True], ids=["ledger-only", "sort-and-results"])
-def test_kill_9_mid_burst_then_restart_gives_exactly_one_verdict_per_file(model_dir, tmp_path, sinks):  # noqa: F811
+def staged(tmp_path: Path, n: int, seed: int):
+    """An empty hot folder ``in/``, ``n`` parts waiting in ``staging/``, their names, and a results path."""
     folder, staging = tmp_path / "in", tmp_path / "staging"
     folder.mkdir()
-    write_parts(staging, 200, size=32, seed=30)
-    names = sorted(p.name for p in staging.iterdir())
-    results = tmp_path / "verdicts.jsonl"
+    write_parts(staging, n, size=32, seed=seed)
+    return folder, staging, sorted(p.name for p in staging.iterdir()), tmp_path / "verdicts.jsonl"
+
+
+@pytest.mark.parametrize("sinks", [False, True], ids=["ledger-only", "sort-and-results"])
+def test_kill_9_mid_burst_then_restart_gives_exactly_one_verdict_per_file(model_dir, tmp_path, sinks):  # noqa: F811
+    folder, staging, names, results = staged(tmp_path, 200, seed=30)
     args = [folder, "--model", model_dir, "--settle", "0.3", "--batch-size", "4"]
     args += ["--sort", "--results", results] if sinks else []
     ledger_path = folder / ".edge-inspect" / "ledger.sqlite"
@@ -203,11 +207,7 @@ def test_restart_after_a_crash_between_commit_and_sinks(model_dir, tmp_path):  #
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_finishes_the_parts_in_hand_and_exits_0(model_dir, tmp_path, signum):  # noqa: F811
-    folder, staging = tmp_path / "in", tmp_path / "staging"
-    folder.mkdir()
-    write_parts(staging, 60, size=32, seed=32)
-    names = sorted(p.name for p in staging.iterdir())
-    results = tmp_path / "verdicts.jsonl"
+    folder, staging, names, results = staged(tmp_path, 60, seed=32)
     ledger_path = folder / ".edge-inspect" / "ledger.sqlite"
     watch = Watch(folder, "--model", model_dir, "--settle", "0.2", "--sort", "--results", results,
                   log=tmp_path / "watch.log")
