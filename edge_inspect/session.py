@@ -124,7 +124,7 @@ def create_session(
         raise ConfigError(
             f"Device 'cuda' was asked for, but this ONNX Runtime ({ort.__version__}, {ort.get_device()} build) "
             f"has no CUDA execution provider (it has: {', '.join(available)}). Install the GPU runtime with: "
-            "pip uninstall -y onnxruntime && pip install 'edge-inspect[gpu]'; or use --device cpu or auto."
+            "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (or deploy/install.sh --gpu); or use --device cpu or auto."
         )
     if device == "cpu" or (device == "auto" and not cuda_built):
         providers = [_PROVIDERS["cpu"]]

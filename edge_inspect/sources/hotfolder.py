@@ -12,6 +12,14 @@ while it is still being written. Two ways to tell:
   file is complete once its size and mtime have held still for ``settle``
   seconds.
 
+Where completeness is guessed (files there at start, files a rescan or a
+poll finds), holding still is not enough: a writer may pause longer than
+``settle``. So the kernel is asked whether any process still has the file
+open for writing (:mod:`edge_inspect.sources.writers`); a file still open
+waits for its close. Where the platform cannot tell (network file systems,
+whose writers sit on other machines, or a user who cannot see other users'
+processes), the file must hold still for ``settle_unsure`` seconds instead.
+
 Writers should write under an ignored name (``x.png.part``, ``x.tmp``, a
 dotfile) and rename into place, or write the file in one open-write-close.
 
@@ -45,6 +53,8 @@ from pathlib import Path
 from watchdog.events import DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileMovedEvent, FileSystemEventHandler
 
 from edge_inspect.errors import ConfigError, SourceError
+from edge_inspect.preprocess import is_image_name
+from edge_inspect.sources.writers import WriteCheck
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +100,13 @@ class HotFolder:
             folder every so often instead, for network shares (NFS, SMB)
             where events from other machines never arrive.
         settle: seconds a file's size and mtime must hold still before it is
-            yielded, in poll mode and for backlog files modified less than
-            ``settle`` seconds before the start in event mode.
+            yielded when no close event says it is complete (poll mode,
+            rescans, and backlog files still open at start), once no process
+            has it open for writing.
+        settle_unsure: the same, where the platform cannot tell whether a
+            process still has the file open for writing (network file
+            systems; see :mod:`~edge_inspect.sources.writers`). Longer, since
+            a writer may pause: at least ``settle``.
         ignore: ``fnmatch`` patterns on the file name, compared
             case-insensitively; a directory whose name matches, or whose name
             starts with a dot, is not descended into. Every other regular
@@ -124,12 +139,13 @@ class HotFolder:
             be watched (inotify limits). In poll mode a folder that cannot
             be listed any more (a network share gone) is logged and polled
             again until it comes back.
-        ConfigError: ``poll``, ``settle`` or ``rescan`` out of range.
+        ConfigError: ``poll``, ``settle``, ``settle_unsure`` or ``rescan`` out of range.
     """
 
     def __init__(self, folder: str | os.PathLike, *, poll: float | None = None, settle: float = 1.0,
                  ignore: Sequence[str] = DEFAULT_IGNORE, backlog: bool = True, recursive: bool = False,
-                 exclude: Sequence[str | os.PathLike] = (), rescan: float | None = 60.0):
+                 exclude: Sequence[str | os.PathLike] = (), rescan: float | None = 60.0,
+                 settle_unsure: float = 10.0):
         if poll is not None and not poll > 0:
             raise ConfigError(f"Hot folder poll interval must be a positive number of seconds, got {poll!r}.")
         if rescan is not None and not rescan > 0:
@@ -137,10 +153,22 @@ class HotFolder:
                               f"periodic rescan), got {rescan!r}.")
         if not settle >= 0:
             raise ConfigError(f"Hot folder settle time must be zero or more seconds, got {settle!r}.")
+        if not settle_unsure >= settle:
+            raise ConfigError(f"Hot folder settle time where open writers cannot be seen ({settle_unsure!r} s) must "
+                              f"be at least the settle time ({settle!r} s).")
         self.folder = Path(os.path.abspath(folder))
         _check_folder(self.folder)
+        st = os.stat(self.folder)
+        self._identity = (st.st_dev, st.st_ino)
         self.poll = poll
         self.settle = float(settle)
+        self.settle_unsure = float(settle_unsure)
+        self.writers = WriteCheck(self.folder)
+        if not self.writers.can_tell:
+            log.info("Hot folder %s is on %s: open writers cannot be seen from here, so files without a close event "
+                     "wait %.3g s of stillness (settle_unsure)", self.folder, self.writers.fstype or "this platform",
+                     self.settle_unsure)
+        self._noted: set[tuple[Path, str]] = set()
         self.rescan = None if rescan is None else float(rescan)
         self.ignore = tuple(p.lower() for p in ignore)
         self._ignore_re = re.compile("|".join(fnmatch.translate(p) for p in self.ignore) or r"(?!)", re.DOTALL)
@@ -223,15 +251,71 @@ class HotFolder:
         return name.startswith(".") or self._ignored(name)
 
     def _item(self, path: Path, entry: os.DirEntry | None = None) -> FileItem | None:
-        """The file's :class:`FileItem`, or None when it is gone or not a regular file."""
+        """The file's :class:`FileItem`, or None when it is gone or not a regular file (logged once)."""
         try:
             st = entry.stat() if entry is not None else os.stat(path)
+        except FileNotFoundError:
+            if os.path.islink(path):
+                self._note(path, "a broken symbolic link (its target does not exist)")
+            return None
         except OSError as exc:
-            log.debug("Skipping %s: %s", path, exc)
+            if os.path.islink(path):
+                self._note(path, f"a symbolic link that cannot be followed ({exc.strerror or exc})")
+            else:
+                log.debug("Skipping %s: %s", path, exc)
             return None
         if not stat.S_ISREG(st.st_mode):
+            kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode)
+                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+            self._note(path, kind)
             return None
         return FileItem(path, st.st_size, st.st_mtime_ns)
+
+    def _note(self, path: Path, kind: str) -> None:
+        """Log once per path and kind that an entry is not inspected, because it is not a regular file."""
+        key = (path, kind)
+        if key in self._noted:
+            return
+        if len(self._noted) >= _REMEMBERED:
+            self._noted.clear()
+        self._noted.add(key)
+        log.warning("Hot folder %s: %s is %s, not a file; it gets no verdict. Move it away, or drop the image file "
+                    "itself in the folder.", self.folder, path.name, kind)
+
+    def check_identity(self) -> None:
+        """Raise :class:`SourceError` when the folder was removed, renamed or replaced since the start."""
+        try:
+            st = os.stat(self.folder)
+        except FileNotFoundError:
+            raise self.gone() from None
+        except OSError as exc:
+            raise SourceError(f"Hot folder {self.folder} cannot be checked any more ({exc.strerror or exc}). "
+                              "Check the folder and restart.") from exc
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise SourceError(f"Hot folder {self.folder} was replaced while watched (renamed or removed, and "
+                              "another folder made under its name): the files arriving there are not seen. "
+                              "Restart to watch the new folder.")
+
+    def _wait(self, pending: dict[Path, tuple[tuple[int, int], float]], now: float) -> float:
+        """Seconds until the next pending file may be complete: after ``settle``, or ``settle_unsure``."""
+        def due(since: float) -> float:
+            if since + self.settle > now:
+                return since + self.settle
+            return since + self.settle_unsure if since + self.settle_unsure > now else now
+        return max(0.05, min(due(since) for _, since in pending.values()) - now)
+
+    def gone(self) -> SourceError:
+        """The error of a folder removed, renamed or unmounted while watched."""
+        return SourceError(f"Hot folder {self.folder} was removed or renamed (or unmounted) while watched: no part "
+                           "can arrive in it any more, and a ledger inside it is gone with it. Restore the folder "
+                           "(or point the watcher at its new path) and restart.")
+
+    def _complete(self, path: Path, still_for: float) -> bool | None:
+        """Whether a file that held still for ``still_for`` seconds is complete; None: still open, wait for it."""
+        busy = self.writers.busy(path)
+        if busy:
+            return None
+        return still_for >= (self.settle if busy is False else self.settle_unsure)
 
     def _scan(self, top: Path | None = None) -> list[FileItem]:
         """The wanted regular files under ``top`` (default: the folder), oldest mtime first, ties by name.
@@ -262,6 +346,8 @@ class HotFolder:
                     if (self.recursive and not self._skipped_dir(entry.name)
                             and not any(path.is_relative_to(e) for e in self.exclude)):
                         pending.append(path)
+                    elif not self.recursive and is_image_name(entry.name) and not self._ignored(entry.name):
+                        self._note(path, "a folder")
                 elif not self._ignored(entry.name):
                     item = self._item(Path(entry.path), entry)
                     if item is not None:
@@ -318,7 +404,7 @@ class HotFolder:
                 now = time.monotonic()
                 timeout = min(_LIVENESS_S, max(0.0, next_rescan - now))
                 if pending:
-                    timeout = min(timeout, max(0.05, min(t for _, t in pending.values()) + self.settle - now))
+                    timeout = min(timeout, self._wait(pending, now))
                 try:
                     message = self._queue.get(timeout=timeout)
                 except queue.Empty:
@@ -343,8 +429,10 @@ class HotFolder:
                     for item in self._settled(pending):
                         yielded.add(item)
                         yield item
-                if message is None and not self._stopping.is_set() and not self._watching():
-                    raise SourceError(f"The watch on {self.folder} ended unexpectedly. Restart to watch again.")
+                if message is None and not self._stopping.is_set():
+                    self.check_identity()
+                    if not self._watching():
+                        raise SourceError(f"The watch on {self.folder} ended unexpectedly. Restart to watch again.")
         finally:
             self._stop_observer()
 
@@ -364,22 +452,28 @@ class HotFolder:
             raise SourceError(f"Cannot list hot folder {self.folder}: {exc}. Check its permissions.") from exc
 
     def _backlog_events(self, yielded: _Yielded):
-        """Yield the backlog's settled files; return the recent ones, to be settled."""
+        """Yield the backlog's complete files; return the others, to be settled.
+
+        A file there at start may still be open by a writer that paused, however
+        old its mtime: it is yielded by its close event, or once no process has
+        it open and it has held still. Where open writers cannot be seen, its
+        mtime must be ``settle_unsure`` seconds old.
+        """
         items = self._listing()
-        # A file modified within `settle` seconds may still be open for writing:
-        # it is yielded by its close event, or once it has held still.
-        recent_ns = time.time_ns() - int(self.settle * 1e9)
         pending: dict[Path, tuple[tuple[int, int], float]] = {}
-        now = time.monotonic()
+        now, wall_ns = time.monotonic(), time.time_ns()
         log.info("Hot folder %s: %d files waiting at start", self.folder, len(items))
         for item in items:
             if self._stopping.is_set():
                 break
-            if item.mtime_ns > recent_ns:
-                pending[item.path] = ((item.size, item.mtime_ns), now)
-            else:
+            # The mtime's age counts as stillness: a local file system's clock is this machine's.
+            age = max(0.0, (wall_ns - item.mtime_ns) / 1e9)
+            complete = self._complete(item.path, age)
+            if complete:
                 yielded.add(item)
                 yield item
+            else:  # still open (None): wait from now; unsure: the time it already held still counts
+                pending[item.path] = ((item.size, item.mtime_ns), now if complete is None else now - age)
         return pending
 
     def _rescan(self, yielded: _Yielded, pending: dict[Path, tuple[tuple[int, int], float]]) -> None:
@@ -415,8 +509,12 @@ class HotFolder:
             elif (item.size, item.mtime_ns) != signature:
                 pending[path] = ((item.size, item.mtime_ns), now)
             elif now - since >= self.settle:
-                del pending[path]
-                yield item
+                complete = self._complete(path, now - since)
+                if complete is None:  # still open: its close event yields it, or a later check
+                    pending[path] = (signature, now)
+                elif complete:
+                    del pending[path]
+                    yield item
 
     # ------------------------------------------------------------ polling
 
@@ -439,6 +537,7 @@ class HotFolder:
                 if failing:
                     log.info("Hot folder %s readable again", self.folder)
                 failing = False
+                self.check_identity()
                 now = time.monotonic()
                 seen = set()
                 ready = []
@@ -454,7 +553,11 @@ class HotFolder:
                         pending[item.path] = (signature, now)
                         previous = pending[item.path]
                     if now - previous[1] >= self.settle:
-                        ready.append(item)
+                        complete = self._complete(item.path, now - previous[1])
+                        if complete is None:  # a writer still has it open
+                            pending[item.path] = (signature, now)
+                        elif complete:
+                            ready.append(item)
                 for path in [p for p in pending if p not in seen]:
                     del pending[path]
                 for path in [p for p in done if p not in seen]:
@@ -468,7 +571,7 @@ class HotFolder:
                     yield item
             wait = self.poll
             if pending:
-                wait = min(wait, max(0.01, min(t for _, t in pending.values()) + self.settle - time.monotonic()))
+                wait = min(wait, self._wait(pending, time.monotonic()))
             try:
                 if self._queue.get(timeout=wait) is _STOP:
                     return
@@ -583,9 +686,7 @@ class _Handler(FileSystemEventHandler):
                     hot._queue.put(item)
         elif isinstance(event, DirDeletedEvent):
             if Path(os.fsdecode(event.src_path)) == hot.folder:
-                hot._queue.put(SourceError(
-                    f"Hot folder {hot.folder} was removed or unmounted while watched. Restore it and restart."
-                ))
+                hot._queue.put(hot.gone())
 
     def _offer(self, raw: str | bytes) -> None:
         path = Path(os.fsdecode(raw))
@@ -597,8 +698,13 @@ class _Handler(FileSystemEventHandler):
 
 def _check_folder(folder: Path) -> None:
     """Raise :class:`SourceError` unless ``folder`` is a readable directory."""
-    if not folder.exists():
+    try:
+        folder.stat()
+    except FileNotFoundError:
         raise SourceError(f"Hot folder {folder} does not exist. Create it, or pass the folder the parts arrive in.")
+    except PermissionError:
+        raise SourceError(f"Hot folder {folder} cannot be reached by this user (a folder on its path is closed to "
+                          "it). Check the owner and permissions of the folders above it.") from None
     if not folder.is_dir():
         raise SourceError(f"Hot folder {folder} is a file, not a folder. Pass the folder the parts arrive in.")
     if not os.access(folder, os.R_OK | os.X_OK):
