@@ -19,9 +19,10 @@ import cv2
 import numpy as np
 
 from edge_inspect.errors import InputError
+from edge_inspect.imageheader import ACCEPTED, DEFAULT_MAX_PIXELS, admit
 
-#: File suffixes read as images (compared case-insensitively).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: File suffixes read as images (compared case-insensitively): those of the formats :func:`decode_image` decodes.
+IMAGE_SUFFIXES = tuple(suffix for suffixes in ACCEPTED.values() for suffix in suffixes)
 
 _JPEG_START = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"
@@ -58,47 +59,68 @@ def is_image_name(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode encoded image bytes into an array, keeping depth and channels.
 
+    Only what :func:`edge_inspect.imageheader.admit` lets through reaches
+    the decoder: PNG, JPEG, BMP, TIFF, WebP or PNM bytes whose header is
+    sound and declares at most ``max_pixels`` pixels (and TIFF tiles or
+    strips no larger), so a small file declaring a huge image is refused
+    without the memory of decoding it.
+
     Args:
-        data: the file's bytes (PNG, JPEG, BMP, TIFF).
+        data: the file's bytes.
         name: how to name the image in error messages.
+        max_pixels: the most pixels the image may declare (see :func:`~edge_inspect.imageheader.admit`).
 
     Returns:
-        ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array, uint8 or uint16,
-        channels in BGR(A) order.
+        ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array, uint8 or uint16
+        (or the float or signed depth of a TIFF that holds one), channels in
+        BGR(A) order.
 
     Raises:
-        InputError: empty, truncated or undecodable data.
+        InputError: empty, truncated, undecodable or too large data, or data
+            of another format.
     """
     if len(data) == 0:
         raise InputError(f"{name}: the file is empty (0 bytes); it was probably not written completely.")
+    header = admit(data, name, max_pixels)
     # libjpeg decodes a truncated JPEG to a grey-filled image with only a
     # warning on stderr; a missing end-of-image marker is how we notice.
     if data[:2] == _JPEG_START and _JPEG_END not in data[-64:]:
         raise InputError(f"{name}: truncated JPEG (no end-of-image marker); the file was cut short.")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        # Raised, where a failure to decode returns None, by OpenCV's own size
+        # guard (OPENCV_IO_MAX_IMAGE_PIXELS, _WIDTH, _HEIGHT) or a failed allocation.
+        reason = str(exc).strip().splitlines()[-1]
+        raise InputError(
+            f"{name}: OpenCV refused to decode this {header.width} x {header.height} {header.format} image "
+            f"({reason}). OpenCV's own limit is OPENCV_IO_MAX_IMAGE_PIXELS="
+            f"{os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS', 'unset')}, read when it loads; raise it in the "
+            "environment if such images are expected."
+        ) from exc
     if image is None or image.size == 0:
         raise InputError(
-            f"{name}: not a readable image. Expected PNG, JPEG, BMP or TIFF data "
-            f"({len(data)} bytes found that OpenCV cannot decode)."
+            f"{name}: not a readable image: {header.format} data ({len(data)} bytes) that OpenCV cannot decode; "
+            "it is corrupt or uses a variant OpenCV does not read."
         )
     return image
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image file with :func:`decode_image`.
 
     Raises:
-        InputError: the file cannot be opened or decoded.
+        InputError: the file cannot be opened or decoded, or is too large.
     """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
-    return decode_image(data, str(path))
+    return decode_image(data, str(path), max_pixels)
 
 
 def to_unit_gray(image: np.ndarray) -> np.ndarray:

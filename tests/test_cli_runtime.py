@@ -53,7 +53,7 @@ def test_predict_unreadable_file_gets_an_error_line(model_dir, parts, tmp_path):
     lines = _lines(result.stdout)
     errors = {line["source"]: line["error"] for line in lines if line["verdict"] == "error"}
     assert len(lines) == 8 and len(errors) == 2
-    assert "truncated JPEG" in errors[str(folder / "cut.jpg")]
+    assert "JPEG" in errors[str(folder / "cut.jpg")] and "truncated" in errors[str(folder / "cut.jpg")]
     assert "cannot be read" in errors[str(tmp_path / "gone.png")]
     assert "6 ok" not in result.stderr and "2 error" in result.stderr
 
