@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
 import sys
 from enum import Enum
 from pathlib import Path
@@ -80,8 +81,13 @@ def _require_training_side():
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
 ) -> None:
+    if ctx.invoked_subcommand != "watch":
+        from edge_inspect import signals
+
+        signals.release()  # caught early for watch only; every other command keeps the default actions
     _state["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[_log_handler(debug)], force=True)
 
@@ -500,7 +506,8 @@ def watch(
     folder: Annotated[Optional[Path], typer.Argument(help="The hot folder to watch (or give --camera).")] = None,
     camera: Annotated[Optional[str], typer.Option(help="Watch a camera instead: device index, rtsp:// or http:// URL, video file, or GStreamer pipeline.")] = None,
     poll: Annotated[Optional[float], typer.Option(help="Scan the folder every SECONDS instead of inotify events (network shares).")] = None,
-    settle: Annotated[float, typer.Option(help="Seconds a file's size and mtime must hold still (polling, and recent files at start).")] = 1.0,
+    settle: Annotated[float, typer.Option(help="Seconds a file must hold still, with no process writing it, when no close event says it is complete (polling, rescans, files there at start).")] = 1.0,
+    settle_unsure: Annotated[float, typer.Option(help="Seconds a file must hold still where open writers cannot be seen (network shares).")] = 10.0,
     backlog: Annotated[bool, typer.Option("--backlog/--no-backlog", help="Inspect the files already in the folder at start (the ledger skips those already inspected).")] = True,
     ignore: Annotated[Optional[list[str]], typer.Option(help="Also ignore file names matching this pattern (repeatable), besides hidden and partial files.")] = None,
     sort: Annotated[bool, typer.Option("--sort", help="Move each file into ok/, ng/ or error/ inside the watched folder.")] = False,
@@ -519,8 +526,8 @@ def watch(
 
     Each verdict is committed to a SQLite ledger before anything else
     happens to the part; restarts (after a crash or a power cut) inspect
-    nothing twice and miss nothing. SIGTERM or Ctrl-C finishes the parts in
-    hand and exits 0. Logs each verdict; see them later with edge-inspect
+    nothing twice and miss nothing. SIGTERM, SIGHUP or Ctrl-C finishes the
+    parts in hand and exits 0. Logs each verdict; see them later with edge-inspect
     results.
 
     Examples:
@@ -531,7 +538,8 @@ def watch(
     """
     from edge_inspect.watch import run_watch
 
-    summary = run_watch(model, folder, camera=camera, poll=poll, settle=settle, backlog=backlog, ignore=ignore or (),
+    summary = run_watch(model, folder, camera=camera, poll=poll, settle=settle, settle_unsure=settle_unsure,
+                        backlog=backlog, ignore=ignore or (),
                         sort=sort, heatmaps=heatmaps, results=results, ledger=ledger, max_pixels=max_pixels,
                         batch_size=batch_size, device=device.value, criterion=criterion,
                         precision=precision.value if precision else None, every=every, fps=fps)
@@ -566,7 +574,7 @@ def results(
         raise ConfigError("Give a watched folder or --ledger, not both.")
     path = ledger or (folder if folder is not None and folder.is_file() else default_ledger(folder))
     start = parse_since(since) if since else None
-    with Ledger.open(path, create=False) as book:
+    with Ledger.open(path, readonly=True) as book:
         counts = book.counts(start)
         rows = book.last(last, start) if last > 0 else []
         exported = book.write_csv(csv, start) if csv is not None else None
@@ -600,6 +608,100 @@ def results(
         console.print(table)
     if exported is not None:
         err_console.print(f"Wrote {exported} parts to {csv}", highlight=False, soft_wrap=True)
+
+
+ledger_app = typer.Typer(name="ledger", help="Check a ledger, or save the readable rows of a damaged one.",
+                         no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+_LEDGER_ARGUMENT = "A ledger file, or a watched folder (its ledger is FOLDER/.edge-inspect/ledger.sqlite)."
+
+
+def _ledger_path(path: Path) -> Path:
+    """The ledger file as given, or a watched folder's ledger, as edge-inspect results reads it."""
+    from edge_inspect.watch import default_ledger
+
+    return path if path.is_file() or not path.exists() else default_ledger(path)
+
+
+def _id_ranges(ids: tuple[int, ...], most: int = 12) -> str:
+    """Sorted ids as runs: ``4097-4160, 5001``; the rest counted after ``most`` runs."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:most])
+    return text + (f" and {len(runs) - most} more runs" if len(runs) > most else "")
+
+
+@ledger_app.command("check")
+@handle_errors
+def ledger_check(
+    path: Annotated[Path, typer.Argument(help=_LEDGER_ARGUMENT)],
+) -> None:
+    """Check a ledger with SQLite's full integrity check, reading only: exit 0 when healthy, 2 when damaged.
+
+    Safe while a watcher writes to it.
+
+    Example:
+
+        edge-inspect ledger check /srv/parts
+    """
+    from edge_inspect.ledger import Ledger, check
+
+    file = _ledger_path(path)
+    problems = check(file)
+    if problems:
+        console.print(f"Ledger {file} is damaged: SQLite's integrity check reports {len(problems)} problem(s):",
+                      highlight=False, soft_wrap=True)
+        for problem in problems[:20]:
+            console.print(f"  {escape(problem)}", highlight=False, soft_wrap=True)
+        console.print(f"Stop the watcher, then save the rows that can still be read with: "
+                      f"edge-inspect ledger recover {escape(shlex.quote(str(file)))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    with Ledger.open(file, readonly=True) as book:
+        counts = book.counts()
+    console.print(f"Ledger {file} is healthy: {sum(counts.values())} parts ({counts['ok']} ok, {counts['ng']} ng, "
+                  f"{counts['error']} error).", highlight=False, soft_wrap=True)
+
+
+@ledger_app.command("recover")
+@handle_errors
+def ledger_recover(
+    path: Annotated[Path, typer.Argument(help=_LEDGER_ARGUMENT)],
+) -> None:
+    """Save every row that can still be read from a damaged ledger into a new ledger at the same path.
+
+    Stop the watcher first. Salvaged rows keep their ids, verdicts and
+    pending sinks. The damaged file is kept beside the new one as
+    PATH.damaged-YYYYmmdd-HHMMSS. Parts whose rows were lost and that are
+    still in the watched folder are inspected again at the next start.
+
+    Example:
+
+        edge-inspect ledger recover /srv/parts/.edge-inspect/ledger.sqlite
+    """
+    from edge_inspect.ledger import recover
+
+    report = recover(_ledger_path(path))
+    console.print(f"Recovered ledger {report.path}: {report.salvaged} parts salvaged, {len(report.lost)} lost.",
+                  highlight=False, soft_wrap=True)
+    if report.lost:
+        console.print(f"Lost rows (ids): {_id_ranges(report.lost)}.", highlight=False, soft_wrap=True)
+        for row_id, source in list(report.lost_sources.items())[:20]:
+            console.print(f"  #{row_id} {escape(source)}", highlight=False, soft_wrap=True)
+        if len(report.lost_sources) > 20:
+            console.print(f"  ... and {len(report.lost_sources) - 20} more", highlight=False)
+    if report.unknown_from is not None:
+        console.print(f"Rows from id {report.unknown_from} on, if there were any, could not be read either: the "
+                      "file ends early or its last pages are damaged, and no index tells how many there were.",
+                      highlight=False, soft_wrap=True)
+    if report.lost or report.unknown_from is not None:
+        console.print("Parts whose rows were lost and that are still in the watched folder are inspected again at "
+                      "the next start of edge-inspect watch.", highlight=False, soft_wrap=True)
+    console.print(f"The damaged file is kept as {report.damaged} (with its -wal and -shm, if it had them).",
+                  highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -30,3 +30,11 @@ class SourceError(EdgeInspectError):
 
 class MissingExtraError(EdgeInspectError):
     """A command needs an optional dependency group that is not installed."""
+
+
+class LedgerGoneError(InputError):
+    """The ledger file was deleted, renamed or replaced while a watcher had it open."""
+
+
+class LedgerDamagedError(InputError):
+    """The ledger file is an SQLite file that SQLite finds damaged (pages overwritten, truncated, ...)."""

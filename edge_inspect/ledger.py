@@ -4,7 +4,8 @@ This module owns the record of what the line inspected: one row per part
 (a file dropped in a hot folder, or a camera frame) with its identity, its
 verdict, the model that gave it, its timings, and which sinks (JSONL, sort,
 heatmaps) still have to run for it. :mod:`edge_inspect.watch` writes it;
-``edge-inspect results`` reads it.
+``edge-inspect results`` reads it; ``edge-inspect ledger check`` and
+``edge-inspect ledger recover`` look after it (:func:`check`, :func:`recover`).
 
 Exactly once rests on three choices:
 
@@ -21,9 +22,35 @@ Exactly once rests on three choices:
   moved into ``ok/``) would then be missing. ``FULL`` syncs the log at every
   commit, and batching verdicts keeps that to one sync per batch.
 
-The schema is versioned with ``PRAGMA user_version``; a file that is not a
-ledger, or a ledger from a newer edge-inspect, is refused with an
+Schema (``PRAGMA user_version``, now 2): the table ``parts`` has one column
+per :class:`Record` field. Version 2 added ``source_raw`` (the exact bytes
+of a file name that is not valid UTF-8; ``source`` then shows those bytes
+as ``\\xff`` escapes, see :func:`path_columns`) and ``sink_error`` (why a
+sink last failed for the row). A version-1 ledger is migrated in place when
+opened for writing; one opened read-only is read as it is. A file that is
+not a ledger, or a ledger from a newer edge-inspect, is refused with an
 :class:`~edge_inspect.errors.InputError`.
+
+What else the ledger guards against, each with an error that says what to do:
+
+- **any file name and any text**: names that are not UTF-8 (a str holding
+  lone surrogates, as Python gives them) and messages quoting them are
+  stored as valid UTF-8 text, with the raw bytes of the name kept aside.
+- **a damaged file**: :meth:`Ledger.open` runs SQLite's ``integrity_check``
+  (``quick_check`` when read-only). A damaged ledger, found then or by a
+  later query, raises :class:`~edge_inspect.errors.LedgerDamagedError`
+  (nothing is changed) naming ``edge-inspect ledger recover PATH``:
+  :func:`recover` salvages every row that can still be read into a new
+  file at PATH and keeps the damaged one beside it.
+- **a ledger deleted, renamed or replaced under a running watcher**: every
+  write transaction checks, just before it commits, that the path still
+  names the file opened; otherwise it rolls back and raises
+  :class:`~edge_inspect.errors.LedgerGoneError`, so no verdict goes into a
+  file the next start would not read.
+- **a ledger that cannot be written** (file mode, owner, read-only mount, a
+  folder where ``-wal`` and ``-shm`` cannot be created) is refused at open,
+  by a real write, not at the first part. ``readonly=True`` opens it for
+  reading only (``edge-inspect results``, ``ledger check``).
 
     >>> with Ledger.open("parts/.edge-inspect/ledger.sqlite") as ledger:
     ...     ledger.counts()
@@ -35,18 +62,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from urllib.parse import quote
 
-from edge_inspect.errors import InputError
+from edge_inspect.errors import EdgeInspectError, InputError, LedgerDamagedError, LedgerGoneError
 
 log = logging.getLogger(__name__)
 
 #: The schema this module writes; ``PRAGMA user_version`` of every ledger.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE parts (
@@ -74,17 +104,95 @@ CREATE TABLE parts (
     batch_size INTEGER,
     sinks_pending TEXT NOT NULL DEFAULT '',
     sorted_path TEXT,
-    heatmap TEXT
+    heatmap TEXT,
+    source_raw BLOB,
+    sink_error TEXT
 );
 CREATE INDEX parts_file ON parts (source, size, mtime_ns);
 CREATE INDEX parts_committed ON parts (committed_at);
 CREATE INDEX parts_pending ON parts (id) WHERE sinks_pending != '';
 """
 
+#: Statements that bring a ledger of version ``v`` to ``v + 1``. New columns go
+#: at the end of the table, where a new ledger has them too.
+_MIGRATIONS = {
+    1: ("ALTER TABLE parts ADD COLUMN source_raw BLOB", "ALTER TABLE parts ADD COLUMN sink_error TEXT"),
+}
 
-def file_identity(path: str | os.PathLike, size: int, mtime_ns: int, sha256: str | None) -> str:
-    """The identity of a file's content; ``sha256`` is None when it could not be read."""
-    return f"file:{sha256 or '-'}:{size}:{mtime_ns}:{os.fspath(path)}"
+_SQLITE_HEADER = b"SQLite format 3\x00"
+# SQLite's primary result codes (the low byte of an extended code).
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_CORRUPT, _SQLITE_CANTOPEN, _SQLITE_AUTH, _SQLITE_NOTADB = 11, 14, 23, 26
+
+
+# ------------------------------------------------------------------ text
+
+
+def _utf8_text(text: str) -> str:
+    """``text`` made storable as UTF-8: lone surrogates become backslash escapes.
+
+    Bytes a name smuggled in through ``surrogateescape`` show as ``\\xff``;
+    any other lone surrogate as ``\\ud800``. Valid text is returned as is.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def path_columns(path: str | bytes | os.PathLike) -> tuple[str, bytes | None]:
+    """The ``source`` and ``source_raw`` columns of a file path.
+
+    Returns:
+        ``(text, raw)``: ``text`` is valid UTF-8 (bytes that are not UTF-8
+        are shown as ``\\xff`` escapes); ``raw`` is the path's exact bytes
+        (:func:`os.fsencode`) when it is not valid UTF-8, else None.
+
+        >>> path_columns(os.fsdecode(b"/line/bad\\xff.jpeg"))
+        ('/line/bad\\\\xff.jpeg', b'/line/bad\\xff.jpeg')
+    """
+    name = os.fspath(path)
+    if isinstance(name, str):
+        try:
+            name.encode("utf-8")
+            return name, None
+        except UnicodeEncodeError:
+            pass
+        try:
+            raw = os.fsencode(name)
+        except UnicodeEncodeError:  # a surrogate no file system name decodes to: no bytes to keep
+            return _utf8_text(name), None
+    else:
+        raw = name
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace"), raw
+
+
+def file_identity(path: str | bytes | os.PathLike, size: int, mtime_ns: int, sha256: str | None) -> str:
+    """The identity of a file's content; ``sha256`` is None when it could not be read.
+
+    Valid UTF-8 text for any path, and distinct for distinct paths: a name
+    that is not UTF-8 is spelled in hex after a ``file-bytes:`` marker, so
+    the byte ``0xff`` never meets a name holding a literal ``\\xff``.
+    """
+    name = os.fspath(path)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return f"file-bytes:{sha256 or '-'}:{size}:{mtime_ns}:{os.fsencode(name).hex()}"
+        except UnicodeEncodeError:  # not a name from a file system; still one identity per string
+            return f"file-str:{sha256 or '-'}:{size}:{mtime_ns}:{name.encode('utf-8', 'surrogatepass').hex()}"
+    return f"file:{sha256 or '-'}:{size}:{mtime_ns}:{name}"
 
 
 def frame_identity(uri: str, timestamp: float, index: int) -> str:
@@ -99,7 +207,8 @@ class Record:
     Attributes:
         identity: :func:`file_identity` or :func:`frame_identity`; unique.
         kind: ``"file"`` or ``"frame"``.
-        source: the file's path, or the camera's URI.
+        source: the file's path, or the camera's URI; valid UTF-8 text (see
+            :func:`path_columns`; :attr:`path` is the exact file path).
         size, mtime_ns, sha256: the file's size, modification time and
             content hash (``sha256`` None when the file could not be read).
         frame_index, frame_time: the frame's number and grab time.
@@ -117,6 +226,9 @@ class Record:
         sinks_pending: names of the sinks still to run, space-separated.
         sorted_path: where the sort sink moved the file.
         heatmap: the overlay PNG the heatmaps sink wrote.
+        source_raw: the file path's exact bytes when they are not valid
+            UTF-8; None otherwise (and for frames).
+        sink_error: why a sink last failed for this row; None otherwise.
         id: the row id; None before the row is written.
     """
 
@@ -144,6 +256,8 @@ class Record:
     sinks_pending: str = ""
     sorted_path: str | None = None
     heatmap: str | None = None
+    source_raw: bytes | None = None
+    sink_error: str | None = None
     id: int | None = None
 
     @property
@@ -151,23 +265,162 @@ class Record:
         """The sinks still to run, as a set of names."""
         return set(self.sinks_pending.split())
 
+    @property
+    def path(self) -> Path:
+        """The exact file path: from ``source_raw`` when the name is not UTF-8, else ``source``."""
+        return Path(os.fsdecode(self.source_raw)) if self.source_raw is not None else Path(self.source)
+
     def to_dict(self) -> dict:
-        """The row as a JSON object: columns in schema order, ``criteria`` parsed."""
+        """The row as a JSON object: columns in schema order, ``criteria`` parsed, without ``source_raw`` (bytes)."""
         # Every field is a scalar: read them, rather than pay for dataclasses.asdict's deep copy on every verdict.
-        data = {"id": self.id, **{k: getattr(self, k) for k in COLUMNS if k != "id"}}
+        data = {"id": self.id, **{k: getattr(self, k) for k in _DICT_COLUMNS}}
         data["criteria"] = json.loads(self.criteria) if self.criteria else {}
         return data
 
 
-#: Column names, in the order of :class:`Record`'s fields.
+#: Column names, in the order of :class:`Record`'s fields (``id`` last).
 COLUMNS = tuple(f.name for f in fields(Record))
+_DICT_COLUMNS = tuple(c for c in COLUMNS if c not in ("id", "source_raw"))
+_TEXT_COLUMNS = tuple(f.name for f in fields(Record) if "str" in str(f.type))
 _INSERT = (f"INSERT INTO parts ({', '.join(c for c in COLUMNS if c != 'id')}) "
            f"VALUES ({', '.join('?' for c in COLUMNS if c != 'id')}) ON CONFLICT (identity) DO NOTHING")
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM parts"
+#: What finish_sinks may set.
+SINK_COLUMNS = ("sinks_pending", "sorted_path", "heatmap", "sink_error")
 
 
 def _row(values: Sequence) -> Record:
     return Record(**dict(zip(COLUMNS, values)))
+
+
+def _storable(record: Record) -> Record:
+    """The record as the ledger stores it: every text valid UTF-8, a non-UTF-8 file name's bytes in ``source_raw``."""
+    changes = {}
+    for name in _TEXT_COLUMNS:
+        value = getattr(record, name)
+        if isinstance(value, str) and not value.isascii():
+            safe = _utf8_text(value)
+            if safe is not value:
+                changes[name] = safe
+    if "source" in changes and record.kind == "file" and record.source_raw is None:
+        changes["source"], changes["source_raw"] = path_columns(record.source)
+    return replace(record, **changes) if changes else record
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of an error, when Python reports it."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _is_damage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite says the file's content is inconsistent (not locked, not unreadable)."""
+    if "unsupported file format" in str(exc):  # a garbled schema format number in the header (SQLITE_ERROR)
+        return True
+    if "Could not decode to UTF-8" in str(exc):  # Python's error: the ledger only ever stores valid UTF-8
+        return True
+    return _code(exc) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+def _has_sqlite_header(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(16) == _SQLITE_HEADER
+    except OSError:
+        return False
+
+
+def _damaged(path: Path, problems: Sequence[str]) -> LedgerDamagedError:
+    first = problems[0] if problems else "no detail"
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return LedgerDamagedError(
+        f"Ledger {path} is damaged: SQLite reports {first!r}{more}. Nothing was changed. Stop the watcher, then "
+        f"save every row that can still be read into a new ledger with: edge-inspect ledger recover "
+        f"{shlex.quote(str(path))} (the damaged file is kept beside it).")
+
+
+def _not_a_ledger(path: Path, said: sqlite3.Error | str) -> InputError:
+    return InputError(f"{path} is not an edge-inspect ledger (SQLite says: {said}). Expected the ledger file "
+                      "edge-inspect watch writes; pass another --ledger path.")
+
+
+def _not_writable(path: Path, exc: sqlite3.Error | str) -> InputError:
+    return InputError(
+        f"Ledger {path} cannot be written (SQLite says: {exc}). The watcher commits every verdict there before "
+        "acting on the part. Give the user running edge-inspect write access to the file (its mode and owner: "
+        f"chmod, chown) and to its folder {path.parent} as well, since WAL mode creates {path.name}-wal and "
+        f"{path.name}-shm beside it; or pass another --ledger path. To only read it, use edge-inspect results.")
+
+
+def _read_error(path: Path, exc: sqlite3.Error) -> EdgeInspectError:
+    """The error to raise for a failed query on an open ledger."""
+    if _is_damage(exc):
+        return _damaged(path, [str(exc)]) if _has_sqlite_header(path) else _not_a_ledger(path, exc)
+    return InputError(f"Cannot read the ledger {path} (SQLite says: {exc}). Check that the file and its folder "
+                      "are readable by the user running edge-inspect, and that the disk is healthy.")
+
+
+def _open_error(path: Path, exc: sqlite3.Error, readonly: bool) -> EdgeInspectError:
+    """The error to raise when opening a ledger fails on ``exc``."""
+    if not readonly and _code(exc) in (_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_AUTH):
+        return _not_writable(path, exc)
+    if readonly and _code(exc) in (_SQLITE_CANTOPEN, _SQLITE_READONLY) and path.is_file():
+        return InputError(f"Cannot open the ledger {path} for reading (SQLite says: {exc}). A ledger in WAL mode "
+                          f"needs {path.name}-shm beside it, which this user cannot create in {path.parent}. Run as "
+                          "the user the watcher runs as, or let this user write to that folder.")
+    return _read_error(path, exc)
+
+
+def _connect(path: Path, readonly: bool) -> tuple[sqlite3.Connection, str | None]:
+    """A connection to ``path``, and for ``readonly`` the URI it was opened with (readers reuse it)."""
+    if not readonly:
+        return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0), None
+    uri = f"file:{quote(os.fsencode(os.path.abspath(path)))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as exc:
+        if _code(exc) != _SQLITE_CANTOPEN or os.path.exists(f"{path}-wal") or not _read_only_mount(path.parent):
+            return conn, uri  # the caller's first query raises it again, and says what it means
+        conn.close()
+        # A WAL ledger on a read-only mount, closed cleanly (no -wal): SQLite cannot create the -shm index beside
+        # it. No log holds rows the file lacks, and nobody can write there: read the file as immutable.
+        uri += "&immutable=1"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0)
+    return conn, uri
+
+
+def _read_only_mount(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def _sqlite_check(conn: sqlite3.Connection, full: bool = False, limit: int = 20, readonly: bool = False) -> list[str]:
+    """SQLite's own check of the file: the problems it lists, empty when healthy.
+
+    ``quick_check`` reads every page and checks the b-trees, but does not
+    match index entries against rows; ``integrity_check`` (``full``) does,
+    and checks the CHECK constraints too, except on a read-only connection:
+    there (``readonly``), a query does that part.
+    """
+    try:
+        lines = [line for (line,) in conn.execute(f"PRAGMA {'integrity' if full else 'quick'}_check({limit})")]
+        if lines == ["ok"] and full and readonly and conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'parts'").fetchone():
+            lines = [f"CHECK constraint failed in parts (row {row_id}: kind {kind!r}, verdict {verdict!r})"
+                     for row_id, kind, verdict in conn.execute(_VIOLATIONS, (limit,))] or lines
+    except sqlite3.DatabaseError as exc:
+        if not _is_damage(exc):
+            raise
+        return [str(exc)]
+    return [] if lines == ["ok"] else [str(line) for line in lines]
+
+
+#: Rows breaking the table's CHECK constraints, which integrity_check skips on a read-only connection.
+_VIOLATIONS = ("SELECT id, CAST(kind AS BLOB), CAST(verdict AS BLOB) FROM parts "
+               "WHERE kind NOT IN ('file', 'frame') OR verdict NOT IN ('ok', 'ng', 'error') LIMIT ?")
 
 
 class Ledger:
@@ -179,60 +432,103 @@ class Ledger:
     writer).
     """
 
-    def __init__(self, path: Path, connection: sqlite3.Connection):
+    def __init__(self, path: Path, connection: sqlite3.Connection, *, readonly: bool = False,
+                 uri: str | None = None, select: str = _SELECT):
         self.path = path
+        self.readonly = readonly
         self._conn = connection
+        self._uri = uri
         self._lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
+        self._abspath = os.path.abspath(path)
+        st = os.stat(self._abspath)
+        self._file_id = (st.st_dev, st.st_ino)
+        self._select = select
+        # The write-ahead log and its index beside the file, as this ledger's connection holds them (see close).
+        self._log_ids: dict[str, tuple[int, int]] = {}
+        for suffix in ("-wal", "-shm") if not readonly else ():
+            try:
+                st = os.stat(f"{self._abspath}{suffix}")
+            except OSError:
+                continue
+            self._log_ids[suffix] = (st.st_dev, st.st_ino)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, create: bool = True) -> Ledger:
+    def open(cls, path: str | os.PathLike, *, create: bool = True, readonly: bool = False) -> Ledger:
         """Open a ledger, creating it (and its folder) when ``create`` and missing.
 
+        A version-1 ledger is migrated to version 2 in place (one
+        transaction); opened ``readonly``, it is read as it is. Opened for
+        writing, a first real write (``PRAGMA user_version`` rewritten in a
+        transaction) proves the file can take verdicts.
+
+        Args:
+            path: the ledger file.
+            create: create it when missing (never with ``readonly``).
+            readonly: only read: no migration, no journal-mode switch, no
+                write; works on a read-only file or mount.
+
         Raises:
+            LedgerDamagedError: SQLite finds the file damaged: its full
+                ``integrity_check`` when opened for writing (the identity
+                index must match the rows, or exactly once fails), the
+                faster ``quick_check`` (b-trees and pages, not index against
+                rows) when ``readonly``.
             InputError: the path is a folder, is missing (``create=False``),
-                is not an edge-inspect ledger, or holds a newer schema.
+                is not an edge-inspect ledger, holds a newer schema, or
+                (not ``readonly``) cannot be written.
         """
         path = Path(path)
         if path.is_dir():
             raise InputError(f"Ledger path {path} is a folder; expected a ledger file such as {path / 'ledger.sqlite'}.")
+        create = create and not readonly
         if not path.exists():
             if not create:
                 raise InputError(f"No ledger at {path}. Expected the file edge-inspect watch writes; "
                                  "check the path (--ledger, or the watched folder).")
-            path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InputError(f"Cannot create the folder of the ledger {path} ({exc.strerror or exc}); pass "
+                                 "another --ledger path, or make its folder writable.") from exc
         try:
-            cls._check_schema(conn, path, create)
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                log.warning("Ledger %s: journal mode %s instead of WAL (the file system may not support WAL); "
-                            "verdicts stay durable, readers may wait on the writer.", path, mode)
-            conn.execute("PRAGMA synchronous=FULL")
+            conn, uri = _connect(path, readonly)
+        except sqlite3.Error as exc:
+            raise _open_error(path, exc, readonly) from exc
+        try:
+            try:
+                # Before the schema: damage can garble the header's user_version, and must be named as damage.
+                problems = _sqlite_check(conn, full=not readonly)
+                if problems:
+                    raise _damaged(path, problems) if _has_sqlite_header(path) else _not_a_ledger(path, problems[0])
+                version = cls._check_schema(conn, path, create)
+                if not readonly:
+                    cls._prepare_for_writing(conn, path, version)
+                    version = SCHEMA_VERSION
+                ledger = cls(path, conn, readonly=readonly, uri=uri, select=_select_for(conn, version))
+            except sqlite3.Error as exc:
+                raise _open_error(path, exc, readonly) from exc
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn)
+        return ledger
 
     @staticmethod
-    def _check_schema(conn: sqlite3.Connection, path: Path, create: bool) -> None:
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        except sqlite3.DatabaseError as exc:
-            raise InputError(f"{path} is not an edge-inspect ledger (SQLite says: {exc}). Expected the ledger file "
-                             "edge-inspect watch writes; pass another --ledger path.") from exc
+    def _check_schema(conn: sqlite3.Connection, path: Path, create: bool) -> int:
+        """The ledger's schema version, after creating the schema in a new file; raises if it is no ledger."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if version > SCHEMA_VERSION:
             raise InputError(f"Ledger {path} has schema version {version}; this edge-inspect reads up to version "
                              f"{SCHEMA_VERSION}. Upgrade edge-inspect, or pass another --ledger path.")
-        if version == SCHEMA_VERSION and "parts" in tables:
-            return
+        if version >= 1 and "parts" in tables:
+            return version
         if version == 0 and not tables:
             if not create:
                 raise InputError(f"Ledger {path} is empty: no verdict was ever written to it.")
             Ledger._create_schema(conn)
-            return
+            return SCHEMA_VERSION
         raise InputError(f"{path} is an SQLite file but not an edge-inspect ledger (user_version {version}, tables: "
                          f"{', '.join(sorted(tables)) or 'none'}). Pass another --ledger path.")
 
@@ -245,16 +541,93 @@ class Ledger:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
 
+    @staticmethod
+    def _prepare_for_writing(conn: sqlite3.Connection, path: Path, version: int) -> None:
+        """Migrate, switch to WAL with full syncs, and prove with a real write that verdicts can be committed."""
+        try:
+            if version < SCHEMA_VERSION:
+                Ledger._migrate(conn, path)
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                log.warning("Ledger %s: journal mode %s instead of WAL (the file system may not support WAL); "
+                            "verdicts stay durable, readers may wait on the writer.", path, mode)
+            conn.execute("PRAGMA synchronous=FULL")
+            # Rewriting the header's user_version writes and syncs a page: the same path as a verdict's commit.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if _is_damage(exc):
+                raise _damaged(path, [str(exc)]) from exc
+            if _code(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                raise InputError(f"Ledger {path} stayed locked by another process writing to it (SQLite says: {exc}"
+                                 "). Is another edge-inspect watch using it? Stop that one, or pass another --ledger "
+                                 "path; edge-inspect results can read it meanwhile.") from exc
+            raise _not_writable(path, exc) from exc
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # read again under the write lock: another process may have migrated the file meanwhile
+            start = version = conn.execute("PRAGMA user_version").fetchone()[0]
+            while version < SCHEMA_VERSION:
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)
+                version += 1
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if start < SCHEMA_VERSION:
+            log.info("Ledger %s: schema upgraded from version %d to %d.", path, start, SCHEMA_VERSION)
+
     def close(self) -> None:
-        """Close every connection of this ledger."""
+        """Close every connection of this ledger.
+
+        When the path names another file by then (the ledger was replaced
+        while open), this ledger's ``-wal`` and ``-shm``, still at the path,
+        are renamed to ``PATH.replaced-<time>-wal`` (and ``-shm``): SQLite
+        would otherwise replay the old file's log into the new one.
+        """
         with self._lock:
             for reader in self._readers:
                 reader.close()
             self._readers.clear()
             self._conn.close()
+        if self._log_ids:
+            self._set_aside_log()
+
+    def _set_aside_log(self) -> None:
+        try:
+            st = os.stat(self._abspath)
+        except OSError:
+            return  # deleted or renamed: the log stays at the old name, ready for the file moved back
+        if (st.st_dev, st.st_ino) == self._file_id:
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for suffix, ident in self._log_ids.items():
+            name, aside = f"{self._abspath}{suffix}", f"{self._abspath}.replaced-{stamp}{suffix}"
+            try:
+                st = os.stat(name)
+                if (st.st_dev, st.st_ino) != ident:
+                    continue  # the new file's own
+                os.rename(name, aside)
+            except OSError:
+                continue
+            log.warning("Ledger %s was replaced while open: its %s is kept as %s, so that SQLite does not apply it "
+                        "to the new file.", self.path, suffix, aside)
 
     def __enter__(self) -> Ledger:
         return self
@@ -264,23 +637,55 @@ class Ledger:
 
     # ------------------------------------------------------------------ write
 
+    def _check_same_file(self) -> None:
+        """Raise :class:`LedgerGoneError` unless the path still names the file opened."""
+        try:
+            st = os.stat(self._abspath)
+        except FileNotFoundError:
+            raise LedgerGoneError(
+                f"Ledger {self.path} was deleted or renamed while the watcher was running: no file has that name "
+                f"any more. A verdict written now would be lost to the next start, which reads {self.path}, and "
+                "every part still in the folder would then be inspected again; nothing was written. Move the ledger "
+                f"back, or restore it from a backup, leaving {self.path.name}-wal where it is (it holds the latest "
+                "verdicts); or restart the watcher to start over knowingly with a new ledger.") from None
+        except OSError as exc:
+            raise InputError(f"Cannot check the ledger {self.path} before writing ({exc.strerror or exc}); "
+                             "check that its folder is still there and readable.") from exc
+        if (st.st_dev, st.st_ino) != self._file_id:
+            raise LedgerGoneError(
+                f"Ledger {self.path} was replaced by another file while the watcher was running. A verdict written "
+                "now would go into the old file, which the next start does not read, and every part still in the "
+                "folder would then be inspected again; nothing was written. Put the ledger back, or restart the "
+                "watcher to carry on knowingly with the file now at that path.")
+
     def _transaction(self, body) -> None:
         """Run ``body(connection)`` in one write transaction; roll back if it fails.
 
+        Just before committing, checks that the path still names the ledger
+        file opened; if not, rolls back, so nothing goes into a file the next
+        start would not read.
+
         Raises:
+            LedgerGoneError: the file was deleted, renamed or replaced.
+            LedgerDamagedError: SQLite found the file damaged.
             InputError: SQLite cannot write (disk full, read-only file, ...).
         """
+        if self.readonly:
+            raise InputError(f"Ledger {self.path} was opened read-only; open it with readonly=False to write.")
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     body(self._conn)
+                    self._check_same_file()
                     self._conn.execute("COMMIT")
                 except BaseException:
                     if self._conn.in_transaction:
                         self._conn.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
+                if _is_damage(exc):
+                    raise _damaged(self.path, [str(exc)]) from exc
                 raise InputError(f"Cannot write to the ledger {self.path} (SQLite says: {exc}). Check free disk "
                                  "space and that the file is writable; the parts not committed are inspected "
                                  "again after a restart.") from exc
@@ -288,21 +693,28 @@ class Ledger:
     def record(self, records: Sequence[Record]) -> list[Record | None]:
         """Write verdicts in one transaction.
 
+        Text that is not valid UTF-8 (a file name's bytes smuggled in a str
+        as lone surrogates, or a message quoting one) is stored with those
+        bytes as backslash escapes; a file's exact path bytes go to
+        ``source_raw``.
+
         Args:
             records: rows without an id.
 
         Returns:
-            Per record, the record with its new id, or None when its
-            identity was already in the ledger (nothing written for it).
+            Per record, the record as stored with its new id, or None when
+            its identity was already in the ledger (nothing written for it).
 
         Raises:
+            LedgerGoneError: the ledger file was deleted, renamed or replaced.
             InputError: the ledger cannot be written.
         """
+        rows = [_storable(rec) for rec in records]
         out: list[Record | None] = []
 
         def insert(conn):
             out.clear()
-            for rec in records:
+            for rec in rows:
                 cursor = conn.execute(_INSERT, tuple(getattr(rec, c) for c in COLUMNS if c != "id"))
                 out.append(replace(rec, id=cursor.lastrowid) if cursor.rowcount == 1 else None)
 
@@ -314,20 +726,23 @@ class Ledger:
 
         Args:
             updates: row id -> columns to set, among ``sinks_pending``,
-                ``sorted_path`` and ``heatmap``.
+                ``sorted_path``, ``heatmap`` and ``sink_error``.
 
         Raises:
+            ValueError: another column is named.
+            LedgerGoneError: the ledger file was deleted, renamed or replaced.
             InputError: the ledger cannot be written.
         """
         for values in updates.values():
-            unknown = set(values) - {"sinks_pending", "sorted_path", "heatmap"}
+            unknown = set(values) - set(SINK_COLUMNS)
             if unknown:
-                raise ValueError(f"finish_sinks cannot set {sorted(unknown)}")
+                raise ValueError(f"finish_sinks cannot set {sorted(unknown)}; only {', '.join(SINK_COLUMNS)}")
 
         def update(conn):
             for row_id, values in updates.items():
                 assignments = ", ".join(f"{name} = ?" for name in values)
-                conn.execute(f"UPDATE parts SET {assignments} WHERE id = ?", (*values.values(), row_id))
+                conn.execute(f"UPDATE parts SET {assignments} WHERE id = ?",
+                             (*(_utf8_text(v) if isinstance(v, str) else v for v in values.values()), row_id))
 
         if updates:
             self._transaction(update)
@@ -337,76 +752,442 @@ class Ledger:
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            if self._uri is not None:
+                conn = sqlite3.connect(self._uri, uri=True, isolation_level=None, check_same_thread=False,
+                                       timeout=30.0)
+            else:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
             self._local.conn = conn
             with self._lock:
                 self._readers.append(conn)
         return conn
 
-    def known(self, identity: str) -> bool:
-        """Whether a verdict for this identity is committed. Any thread may call it."""
-        return self._reader().execute("SELECT 1 FROM parts WHERE identity = ?", (identity,)).fetchone() is not None
+    def _query(self, sql: str, params: Sequence = (), *, reader: bool = False) -> list[tuple]:
+        """All rows of a query; a damaged file raises :class:`LedgerDamagedError`, never a raw sqlite3 error."""
+        try:
+            if reader:
+                return self._reader().execute(sql, params).fetchall()
+            with self._lock:
+                return self._conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise _read_error(self.path, exc) from exc
 
-    def seen_file(self, path: str | os.PathLike, size: int, mtime_ns: int) -> bool:
-        """Whether some verdict is committed for this path at this size and mtime. Any thread may call it."""
-        return self._reader().execute("SELECT 1 FROM parts WHERE source = ? AND size = ? AND mtime_ns = ?",
-                                      (os.fspath(path), size, mtime_ns)).fetchone() is not None
+    def known(self, identity: str) -> bool:
+        """Whether a verdict for this identity is committed. Any thread may call it.
+
+        Raises:
+            LedgerDamagedError: the file is damaged.
+        """
+        return bool(self._query("SELECT 1 FROM parts WHERE identity = ?", (_utf8_text(identity),), reader=True))
+
+    def seen_file(self, path: str | bytes | os.PathLike, size: int, mtime_ns: int) -> bool:
+        """Whether some verdict is committed for this path at this size and mtime. Any thread may call it.
+
+        Raises:
+            LedgerDamagedError: the file is damaged.
+        """
+        source, raw = path_columns(path)
+        if self._select is not _SELECT:  # a version-1 ledger read as it is: no source_raw column
+            return bool(self._query("SELECT 1 FROM parts WHERE source = ? AND size = ? AND mtime_ns = ?",
+                                    (source, size, mtime_ns), reader=True))
+        return bool(self._query("SELECT 1 FROM parts WHERE source = ? AND size = ? AND mtime_ns = ? "
+                                "AND source_raw IS ?", (source, size, mtime_ns, raw), reader=True))
 
     def pending(self) -> list[Record]:
         """Rows whose sinks have not all run, oldest first."""
-        with self._lock:
-            return [_row(v) for v in self._conn.execute(f"{_SELECT} WHERE sinks_pending != '' ORDER BY id")]
+        return [_row(v) for v in self._query(f"{self._select} WHERE sinks_pending != '' ORDER BY id")]
 
     def get(self, row_id: int) -> Record | None:
         """The row with this id, or None."""
-        with self._lock:
-            values = self._conn.execute(f"{_SELECT} WHERE id = ?", (row_id,)).fetchone()
-        return None if values is None else _row(values)
+        rows = self._query(f"{self._select} WHERE id = ?", (row_id,))
+        return _row(rows[0]) if rows else None
+
+    def get_many(self, ids: Iterable[int]) -> list[Record]:
+        """The rows with these ids, in id order; ids with no row are left out."""
+        wanted = sorted(set(ids))
+        out: list[Record] = []
+        for start in range(0, len(wanted), 500):  # under SQLite's limit on bound parameters
+            chunk = wanted[start:start + 500]
+            rows = self._query(f"{self._select} WHERE id IN ({', '.join('?' * len(chunk))}) ORDER BY id", chunk)
+            out.extend(_row(v) for v in rows)
+        return out
 
     def counts(self, since: float | None = None) -> dict[str, int]:
         """Verdicts per kind (``ok``, ``ng``, ``error``), committed at or after ``since`` (Unix time)."""
         counts = {"ok": 0, "ng": 0, "error": 0}
-        with self._lock:
-            for verdict, n in self._conn.execute(
-                    "SELECT verdict, count(*) FROM parts WHERE committed_at >= ? GROUP BY verdict", (since or 0.0,)):
-                counts[verdict] = n
+        for verdict, n in self._query("SELECT verdict, count(*) FROM parts WHERE committed_at >= ? GROUP BY verdict",
+                                      (since or 0.0,)):
+            counts[verdict] = n
         return counts
 
     def last(self, n: int, since: float | None = None) -> list[Record]:
         """The ``n`` most recent rows, oldest first."""
-        with self._lock:
-            rows = self._conn.execute(f"{_SELECT} WHERE committed_at >= ? ORDER BY id DESC LIMIT ?",
-                                      (since or 0.0, n)).fetchall()
+        rows = self._query(f"{self._select} WHERE committed_at >= ? ORDER BY id DESC LIMIT ?", (since or 0.0, n))
         return [_row(v) for v in reversed(rows)]
 
     def rows(self, since: float | None = None) -> Iterator[Record]:
-        """Every row committed at or after ``since``, oldest first."""
-        cursor = self._reader().execute(f"{_SELECT} WHERE committed_at >= ? ORDER BY id", (since or 0.0,))
-        for values in cursor:
-            yield _row(values)
+        """Every row committed at or after ``since``, oldest first.
+
+        Raises:
+            LedgerDamagedError: the file is damaged (possibly after some rows).
+        """
+        try:
+            cursor = self._reader().execute(f"{self._select} WHERE committed_at >= ? ORDER BY id", (since or 0.0,))
+            for values in cursor:
+                yield _row(values)
+        except sqlite3.Error as exc:
+            raise _read_error(self.path, exc) from exc
 
     def write_csv(self, path: str | os.PathLike, since: float | None = None) -> int:
         """Export rows (committed at or after ``since``) as CSV, one column per ledger column; returns the row count.
 
+        Leaves out ``identity``, ``sinks_pending`` and ``source_raw`` (the
+        ``source`` column shows a non-UTF-8 name with ``\\xff`` escapes).
+
         Raises:
+            LedgerDamagedError: the ledger is damaged.
             InputError: the file cannot be written.
         """
         import csv
 
-        columns = ["id", *(c for c in COLUMNS if c not in ("id", "identity", "sinks_pending"))]
+        columns = ["id", *(c for c in COLUMNS if c not in ("id", "identity", "sinks_pending", "source_raw"))]
         n = 0
         try:
             with open(path, "w", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(columns)
                 for record in self.rows(since):
-                    values = asdict(record)
-                    writer.writerow(["" if values[c] is None else values[c] for c in columns])
+                    writer.writerow(["" if (v := getattr(record, c)) is None else v for c in columns])
                     n += 1
         except OSError as exc:
             raise InputError(f"Cannot write {path} ({exc.strerror or exc}); check that its folder exists and is "
                              "writable.") from exc
         return n
+
+
+def _select_for(conn: sqlite3.Connection, version: int) -> str:
+    """The SELECT of every :data:`COLUMNS`; from an older table, NULL for the columns it lacks."""
+    if version >= SCHEMA_VERSION:
+        return _SELECT
+    present = {row[1] for row in conn.execute("PRAGMA table_info(parts)")}
+    return f"SELECT {', '.join(c if c in present else f'NULL AS {c}' for c in COLUMNS)} FROM parts"
+
+
+# ------------------------------------------------------------- check, recover
+
+
+def check(path: str | os.PathLike) -> list[str]:
+    """SQLite's full ``integrity_check`` of a ledger, read-only.
+
+    Returns:
+        The problems found (at most 100, SQLite's words), empty when the
+        ledger is healthy.
+
+    Raises:
+        InputError: the file is missing, is not an SQLite file, or is a
+            healthy SQLite file that is not an edge-inspect ledger.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"No ledger at {path}. Expected the file edge-inspect watch writes; "
+                         "check the path (a ledger file, or the watched folder).")
+    try:
+        conn, _ = _connect(path, readonly=True)
+    except sqlite3.Error as exc:
+        raise _open_error(path, exc, readonly=True) from exc
+    try:
+        try:
+            problems = _sqlite_check(conn, full=True, limit=100, readonly=True)
+            if problems:
+                if not _has_sqlite_header(path):
+                    raise _not_a_ledger(path, problems[0])
+                return problems
+            Ledger._check_schema(conn, path, create=False)
+        except sqlite3.Error as exc:
+            if _is_damage(exc) and _has_sqlite_header(path):
+                return [str(exc)]
+            raise _open_error(path, exc, readonly=True) from exc
+    finally:
+        conn.close()
+    return []
+
+
+@dataclass(frozen=True)
+class RecoverReport:
+    """What :func:`recover` did.
+
+    Attributes:
+        path: the ledger path, which now holds the new, healthy ledger.
+        damaged: where the damaged file is kept (its ``-wal`` and ``-shm``,
+            if any, beside it with the same suffixes).
+        salvaged: rows copied into the new ledger, with their ids, verdicts
+            and pending sinks.
+        lost: ids of the rows that could not be read, in order.
+        lost_sources: for lost rows an index still names, their source
+            (path or camera URI): the parts a restart inspects again if they
+            are still in the folder.
+        unknown_from: when neither the table nor an index can say how many
+            rows there were (a file cut short), the first id past the last
+            one known that could not be read: rows from there on, if there
+            were any, are lost too. None otherwise.
+        problems: what SQLite's check found in the damaged file.
+    """
+
+    path: Path
+    damaged: Path
+    salvaged: int
+    lost: tuple[int, ...]
+    lost_sources: dict[int, str] = field(default_factory=dict)
+    unknown_from: int | None = None
+    problems: tuple[str, ...] = ()
+
+
+#: Rows read per query when salvaging; a range that fails is halved down to single ids.
+_SALVAGE_CHUNK = 256
+_SIDECARS = ("-wal", "-shm", "-journal")
+
+
+def recover(path: str | os.PathLike) -> RecoverReport:
+    """Salvage every readable row of a damaged ledger into a new one at the same path.
+
+    Reads rows by ranges of ids through the primary key; a range that fails
+    is halved until the unreadable rows are isolated and skipped. The
+    ``identity`` and ``parts_file`` indexes, read on their own, tell which
+    ids existed and what the lost rows were. The new ledger is built beside
+    the old one, checked and synced; then the damaged file (with its
+    ``-wal`` and ``-shm``) is renamed to ``PATH.damaged-YYYYmmdd-HHMMSS``
+    and the new file renamed to ``PATH``. Stop the watcher first.
+
+        >>> report = recover("parts/.edge-inspect/ledger.sqlite")
+        >>> report.salvaged, report.lost[:3], report.damaged.name
+        (9950, (4097, 4098, 4099), 'ledger.sqlite.damaged-20240501-081500')
+
+    Raises:
+        InputError: the file is missing, not a ledger, healthy (nothing to
+            recover), or so damaged that not even its list of tables can
+            be read (nothing is changed then); or the new file cannot be
+            written beside it.
+    """
+    path = Path(path)
+    problems = check(path)
+    if not problems:
+        raise InputError(f"Ledger {path} is healthy (SQLite's integrity check finds nothing wrong): nothing to "
+                         "recover, and nothing was changed.")
+    conn, _ = _connect(path, readonly=True)
+    # Text in a damaged page may not be UTF-8; keep what can be kept rather than lose the row.
+    conn.text_factory = lambda data: data.decode("utf-8", "backslashreplace")
+    # Lets SQLite read a file cut short (its header then claims more pages than there are); the connection is
+    # read-only, so nothing is written.
+    conn.execute("PRAGMA writable_schema = ON")
+    try:
+        try:
+            present = {row[1] for row in conn.execute("PRAGMA table_info(parts)")}
+            cause = "it has no table of parts"
+        except sqlite3.Error as exc:
+            present, cause = set(), f"SQLite says: {exc}"
+        if "id" not in present:
+            raise InputError(f"Ledger {path} is too damaged to recover: its table of parts cannot be read "
+                             f"({cause}). Nothing was changed. Restore it from a backup, or move it aside and restart "
+                             "the watcher to start a new ledger (every part still in the folder is then inspected "
+                             "again).")
+        sources, named, witnessed = _indexed_ids(conn)
+        columns = ["id", *(c for c in COLUMNS if c != "id" and c in present)]
+        rows, failed, top = _salvage(conn, columns, max(named, default=0))
+    finally:
+        conn.close()
+    temp = path.with_name(f".{path.name}.recover-{os.getpid()}")
+    written, invalid = _write_new_ledger(temp, columns, rows)
+    kept = {r[0] for r in rows} - invalid
+    # Ids run from 1 with no gap (rows are never deleted): every id up to the top one existed. Two whole indexes
+    # that agree say where the top is; otherwise the highest id anything names, and max(id) where it is
+    # plausible (a garbled cell can claim any id).
+    known_top = max(max(named, default=0), max(kept, default=0))
+    if not witnessed and top is not None and top <= 2 * known_top + 4 * _SALVAGE_CHUNK:
+        known_top = max(known_top, top)
+    lost = set(range(1, known_top + 1)) - kept
+    unknown_from = known_top + 1 if not witnessed and any(i > known_top for i in failed) else None
+    if not written and (lost or unknown_from):
+        _remove(temp)
+        raise InputError(f"Ledger {path} is too damaged to recover: not one row can be read. Nothing was changed. "
+                         "Restore it from a backup, or move it aside and restart the watcher to start a new ledger "
+                         "(every part still in the folder is then inspected again).")
+    damaged = _swap_in(path, temp)
+    report = RecoverReport(path=path, damaged=damaged, salvaged=written, lost=tuple(sorted(lost)),
+                           lost_sources={i: sources[i] for i in sorted(lost) if i in sources},
+                           unknown_from=unknown_from, problems=tuple(problems))
+    log.warning("Ledger %s recovered: %d row(s) salvaged, %d lost%s; the damaged file is kept as %s.",
+                path, report.salvaged, len(report.lost),
+                f", and those from id {unknown_from} on, if any" if unknown_from else "", damaged)
+    return report
+
+
+def _salvage(conn: sqlite3.Connection, columns: list[str], named_top: int) -> tuple[list[tuple], set[int], int | None]:
+    """Every readable row (``columns``, id first), the ids whose reads failed, and ``max(id)`` if it reads.
+
+    Reads forward from id 1 in chunks; where a read fails, the next chunk of
+    ids is read in ranges halved down to single ids, which isolates the
+    unreadable rows, and reading goes on after it. It stops where the table
+    ends, or, past ``named_top`` (the highest id an index names) and the
+    rows read, after 64 chunks that gave nothing but failures. Rows whose id
+    is not in the range asked for (a garbled cell) are dropped.
+    """
+    names = ", ".join(columns)
+    forward = f"SELECT {names} FROM parts WHERE id >= ? ORDER BY id LIMIT {_SALVAGE_CHUNK}"
+    span = f"SELECT {names} FROM parts WHERE id BETWEEN ? AND ? ORDER BY id"
+    rows: list[tuple] = []
+    failed: set[int] = set()
+
+    def read(lo: int, hi: int) -> int:
+        """Read ids lo..hi, halving ranges that fail down to single ids; returns the rows found."""
+        try:
+            found = conn.execute(span, (lo, hi)).fetchall()
+        except sqlite3.DatabaseError:
+            if lo == hi:
+                failed.add(lo)
+                return 0
+            mid = (lo + hi) // 2
+            return read(lo, mid) + read(mid + 1, hi)
+        found = [row for row in found if isinstance(row[0], int) and lo <= row[0] <= hi]
+        rows.extend(found)
+        return len(found)
+
+    try:
+        top = conn.execute("SELECT max(id) FROM parts").fetchone()[0]
+    except sqlite3.DatabaseError:
+        top = None
+    start, barren = 1, 0
+    while barren < 64:
+        before, got = start, 0
+        try:
+            for row in conn.execute(forward, (start,)):
+                got += 1
+                if isinstance(row[0], int) and row[0] >= start:  # else a garbled cell
+                    rows.append(row)
+                    start = row[0] + 1
+        except sqlite3.DatabaseError:
+            pass  # rows up to the damage are kept; isolate the unreadable ids from `start` on
+        else:
+            if got < _SALVAGE_CHUNK:
+                break  # the table ends here
+            if start > before:
+                barren = 0
+                continue
+        found = read(start, start + _SALVAGE_CHUNK - 1)
+        start += _SALVAGE_CHUNK
+        barren = 0 if found or start <= named_top else barren + 1
+    return rows, failed, top
+
+
+def _indexed_ids(conn: sqlite3.Connection) -> tuple[dict[int, str], set[int], bool]:
+    """What the identity and file indexes, read without the table, say.
+
+    Returns:
+        The source the file index gives for each id; the ids either index
+        names; whether both read whole and name the same ids (then they
+        are two witnesses of which rows there were).
+    """
+    sources: dict[int, str] = {}
+    named: list[set[int]] = []
+    whole = True
+    queries = (("SELECT id, NULL FROM parts INDEXED BY sqlite_autoindex_parts_1 ORDER BY identity", False),
+               ("SELECT id, source FROM parts INDEXED BY parts_file ORDER BY source, size, mtime_ns", True))
+    for sql, with_source in queries:
+        ids: set[int] = set()
+        try:
+            for row_id, source in conn.execute(sql):
+                if isinstance(row_id, int) and row_id > 0:
+                    ids.add(row_id)
+                    if with_source:
+                        sources[row_id] = source
+        except sqlite3.DatabaseError:  # an index damaged too, or missing: keep what it gave
+            whole = False
+        named.append(ids)
+    return sources, named[0] | named[1], whole and named[0] == named[1]
+
+
+def _write_new_ledger(temp: Path, columns: list[str], rows: list[tuple]) -> tuple[int, set[int]]:
+    """Build a healthy ledger at ``temp`` holding ``rows``; returns (rows written, ids refused as invalid)."""
+    _remove(temp)
+    invalid: set[int] = set()
+    try:
+        conn = sqlite3.connect(temp, isolation_level=None)
+        try:
+            Ledger._create_schema(conn)
+            insert = f"INSERT INTO parts ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            conn.execute("BEGIN IMMEDIATE")
+            for row in rows:
+                try:
+                    conn.execute(insert, row)
+                except sqlite3.IntegrityError:  # garbage that read as a row: a CHECK, NOT NULL or UNIQUE refuses it
+                    invalid.add(row[0])
+            conn.execute("COMMIT")
+            problems = _sqlite_check(conn, full=True)
+            if problems:
+                raise InputError(f"The new ledger built beside {temp.parent} fails SQLite's check ({problems[0]}); it "
+                                 "was removed and the damaged ledger left in place. Check the disk (dmesg, smartctl) "
+                                 "before trying again.")
+            conn.execute("PRAGMA journal_mode=WAL")
+            written = conn.execute("SELECT count(*) FROM parts").fetchone()[0]
+        finally:
+            conn.close()
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as exc:
+        _remove(temp)
+        if isinstance(exc, (OSError, sqlite3.Error)):
+            raise InputError(f"Cannot build the recovered ledger at {temp} ({exc}); the damaged ledger was left "
+                             f"in place. Free disk space, or make {temp.parent} writable.") from exc
+        raise
+    return written, invalid
+
+
+def _remove(path: Path) -> None:
+    """Remove a file and its SQLite sidecars, those that exist."""
+    for suffix in ("", *_SIDECARS):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _swap_in(path: Path, temp: Path) -> Path:
+    """Keep the damaged ledger as ``PATH.damaged-<time>`` (sidecars too), put ``temp`` at ``path``; returns the first."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    damaged, k = path.with_name(f"{path.name}.damaged-{stamp}"), 2
+    while any(Path(f"{damaged}{s}").exists() for s in ("", *_SIDECARS)):
+        damaged, k = path.with_name(f"{path.name}.damaged-{stamp}-{k}"), k + 1
+    try:
+        try:
+            os.link(path, damaged)  # the damaged bytes under the new name, while PATH still names them
+            linked = True
+        except OSError:
+            os.rename(path, damaged)
+            linked = False
+        # The log must leave before the new file arrives: SQLite would replay it into the new file.
+        for suffix in _SIDECARS:
+            if os.path.exists(f"{path}{suffix}"):
+                os.rename(f"{path}{suffix}", f"{damaged}{suffix}")
+        os.replace(temp, path)
+    except OSError as exc:
+        raise InputError(f"Cannot put the recovered ledger in place of {path} ({exc.strerror or exc}). The new "
+                         f"ledger is {temp}; the damaged one is {damaged if not os.path.exists(path) else path}. "
+                         f"Make {path.parent} writable and run edge-inspect ledger recover again.") from exc
+    _fsync_dir(path.parent)
+    log.debug("Ledger %s: damaged file kept as %s (hard link: %s).", path, damaged, linked)
+    return damaged
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the renames themselves happened
+        pass
+    finally:
+        os.close(fd)
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

@@ -17,10 +17,13 @@ twice, or again after a restart) is dropped before decoding. A part that
 cannot be inspected (vanished, unreadable, corrupt, too large, not an
 image) gets an ``error`` verdict with the reason, and the watcher goes on.
 
-At start, sinks left pending by an interrupted run are replayed; at stop
-(:meth:`Watcher.stop`, from a signal handler for instance) the source stops,
-the parts already in hand are finished, committed and sunk, and
-:meth:`Watcher.run` returns. systemd hears READY after the replay,
+At start, sinks left pending by an interrupted run are replayed. A sink
+that fails while running (a full disk, a folder gone) leaves its rows
+pending, with the cause in the ledger (``sink_error``), and is retried with
+backoff while the watcher runs; its outage is logged once when it starts and
+once when it ends. At stop (:meth:`Watcher.stop`, from a signal handler for
+instance) the source stops, the parts already in hand are finished,
+committed and sunk, and :meth:`Watcher.run` returns. systemd hears READY after the replay,
 WATCHDOG (at most once a second) after a committed batch, and while idle as
 long as the inference loop turns, and STOPPING when the stop begins
 (:mod:`edge_inspect.notify`).
@@ -38,7 +41,6 @@ import logging
 import os
 import queue
 import stat
-import struct
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -48,19 +50,23 @@ from pathlib import Path
 import numpy as np
 
 from edge_inspect import notify
+from edge_inspect import signals as stop_signals
 from edge_inspect.errors import ConfigError, EdgeInspectError, InputError
-from edge_inspect.ledger import Ledger, Record, file_identity, frame_identity
+from edge_inspect.imageheader import DEFAULT_MAX_PIXELS, image_dimensions  # noqa: F401  (re-exported)
+from edge_inspect.imageheader import check_pixels as _check_pixels
+from edge_inspect.ledger import Ledger, Record, file_identity, frame_identity, path_columns
 from edge_inspect.preprocess import decode_image, preprocess
 from edge_inspect.sinks import Done, Sink
 
 log = logging.getLogger(__name__)
 
-#: Pixel count over which an image gets an error verdict instead of being decoded.
-DEFAULT_MAX_PIXELS = 50_000_000
 #: The order sinks run in: the JSON line last, so that it names the sorted file and its heatmap.
 SINK_ORDER = ("sort", "heatmaps", "jsonl")
 _END = object()
 _TICK = 0.5
+#: First and longest wait before a failed sink is tried again while running.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 300.0
 
 
 class _Aborted(Exception):
@@ -99,64 +105,6 @@ class _Part:
 
 
 # ------------------------------------------------------------------ reading
-
-
-def image_dimensions(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from a PNG, JPEG, BMP or TIFF header, without decoding; None if not found."""
-    try:
-        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
-            return struct.unpack(">II", data[16:24])
-        if data[:2] == b"BM":
-            if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 core header: 16-bit sizes
-                return struct.unpack("<HH", data[18:22])
-            width, height = struct.unpack("<ii", data[18:26])
-            return abs(width), abs(height)
-        if data[:2] == b"\xff\xd8":
-            return _jpeg_dimensions(data)
-        if data[:4] in (b"II*\x00", b"MM\x00*"):
-            return _tiff_dimensions(data)
-    except struct.error:
-        return None  # a header cut short: decoding will say what is wrong
-    return None
-
-
-def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
-    i = 2
-    while i + 9 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack(">HH", data[i + 5:i + 9])
-            return width, height
-        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
-    return None
-
-
-def _tiff_dimensions(data: bytes) -> tuple[int, int] | None:
-    order = "<" if data[:2] == b"II" else ">"
-    ifd = struct.unpack(order + "I", data[4:8])[0]
-    count = struct.unpack(order + "H", data[ifd:ifd + 2])[0]
-    found = {}
-    for k in range(count):
-        tag, kind = struct.unpack(order + "HH", data[ifd + 2 + 12 * k:ifd + 6 + 12 * k])
-        if tag in (256, 257):
-            value = data[ifd + 10 + 12 * k:ifd + 14 + 12 * k]
-            found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), value[:2] if kind == 3 else value)[0]
-    return (found[256], found[257]) if len(found) == 2 else None
-
-
-def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise InputError(f"{name}: {width} x {height} = {width * height / 1e6:.1f} megapixels, over the limit of "
-                         f"{max_pixels / 1e6:g} megapixels (--max-pixels); not decoded. Raise --max-pixels if "
-                         "such images are expected.")
 
 
 def read_file(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
@@ -250,6 +198,12 @@ class Watcher:
         self._counts = {"ok": 0, "ng": 0, "error": 0, "duplicates": 0}
         self._inference_beat = time.monotonic()
         self._last_ping = 0.0
+        # Sinks that failed: rows to retry, when, and the outage each sink is in (its cause), for the log.
+        self._retry_ids: set[int] = set()
+        self._retry_at = float("inf")
+        self._retry_delay = RETRY_FIRST_S
+        self._outages: dict[str, str] = {}
+        self._row_warned: set[tuple[str, int]] = set()
 
     # -------------------------------------------------------------- control
 
@@ -383,8 +337,10 @@ class Watcher:
                 self._counts["duplicates"] += 1
                 return None
             self._in_flight.add(key)
-        part = _Part({"kind": "file", "source": str(path), "size": item.size, "mtime_ns": item.mtime_ns,
-                      "identity": file_identity(path, item.size, item.mtime_ns, None)}, arrived, key)
+        source, raw = path_columns(path)
+        part = _Part({"kind": "file", "source": source, "source_raw": raw, "size": item.size,
+                      "mtime_ns": item.mtime_ns, "identity": file_identity(path, item.size, item.mtime_ns, None)},
+                     arrived, key)
         try:
             data, st = read_file(path, self.max_bytes)
         except InputError as exc:
@@ -400,10 +356,8 @@ class Watcher:
                 self._duplicate(part, "already in the ledger")
                 return None
             try:
-                dims = image_dimensions(data)
-                if dims is not None:
-                    _check_pixels(path.name, *dims, self.max_pixels)
-                self._prepare(part, decode_image(data, path.name), path.name)
+                # The header is read and checked against the pixel limit before anything is decoded.
+                self._prepare(part, decode_image(data, path.name, max_pixels=self.max_pixels), path.name)
             except EdgeInspectError as exc:
                 part.error = str(exc)
         if part.error is not None and self.ledger.known(part.ident["identity"]):
@@ -482,6 +436,7 @@ class Watcher:
             # Idle is a success too, as long as the inference loop turns.
             if time.monotonic() - self._inference_beat < 10 * _TICK + 5:
                 self._ping()
+            self._retry_sinks()
 
         while (first := self._get(self._scored, on_idle=idle)) is not _END:
             parts, end = list(first), False
@@ -496,6 +451,7 @@ class Watcher:
                 parts += more
             self._commit(parts)
             self._ping()
+            self._retry_sinks()
             if end:
                 return
 
@@ -536,31 +492,91 @@ class Watcher:
     def _run_sinks(self, done: list[Done]) -> None:
         if not done:
             return
-        pending = {d.record.id: d.record.pending for d in done}
-        columns: dict[int, dict] = {d.record.id: {} for d in done}
-        by_id = {d.record.id: d for d in done}
+        kept = {d.record.id: d for d in done}
+        # Each sink gets the rows as earlier sinks left them (the JSON line names the sorted file and heatmap).
+        self._sink_rows([d.record for d in done],
+                        lambda sink, mine: sink.write([Done(r, kept[r.id].image, kept[r.id].anomaly_map) for r in mine]))
+
+    def _sink_rows(self, records: list[Record], call) -> set[int]:
+        """Run each sink on the rows that wait for it; record what is done and why the rest is not.
+
+        ``call(sink, rows)`` runs one sink. A row a sink leaves out stays
+        pending for it, with the cause in ``sink_error``, and is retried
+        while running. Returns the ids of the rows still pending.
+        """
+        pending = {r.id: r.pending for r in records}
+        columns: dict[int, dict] = {r.id: {} for r in records}
+        errors: dict[int, list[str]] = {r.id: [] for r in records}
+        by_id = {r.id: r for r in records}
         for sink in self.sinks:
-            mine = [d for d in done if sink.name in pending[d.record.id]]
+            mine = [by_id[i] for i in by_id if sink.name in pending[i]]
             if not mine:
                 continue
-            for row_id, values in self._sink_call(sink, sink.write, mine).items():
+            failures = getattr(sink, "failures", None)
+            if failures is not None:
+                failures.clear()
+            try:
+                updates = call(sink, mine)
+                cause = None
+            except (OSError, EdgeInspectError) as exc:
+                updates, cause = {}, (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+            for row_id, values in updates.items():
+                self._row_warned.discard((sink.name, row_id))
                 pending[row_id].discard(sink.name)
                 columns[row_id].update(values)
-                by_id[row_id].record = replace(by_id[row_id].record, **values)
-        self.ledger.finish_sinks({i: {**columns[i], "sinks_pending": " ".join(sorted(pending[i]))} for i in columns})
+                by_id[row_id] = replace(by_id[row_id], **values)
+            failed = [r for r in mine if r.id not in updates]
+            for record in failed:
+                reason = cause or (failures or {}).get(record.id) or "not done"
+                errors[record.id].append(f"{sink.name}: {reason}")
+            self._outage(sink.name, mine, failed, cause)
+        left = {i for i in pending if pending[i]}
+        self.ledger.finish_sinks({i: {**columns[i], "sinks_pending": " ".join(sorted(pending[i])),
+                                      "sink_error": "; ".join(errors[i]) or None} for i in columns})
+        if left:
+            self._retry_ids |= left
+            if self._retry_at == float("inf"):
+                self._retry_at = time.monotonic() + self._retry_delay
+        return left
 
-    @staticmethod
-    def _sink_call(sink: Sink, method, arg, *extra) -> dict[int, dict]:
-        try:
-            return method(arg, *extra)
-        except (OSError, EdgeInspectError) as exc:
-            log.error("Sink %s failed for %d part(s) (%s); retried at the next start.", sink.name, len(arg), exc)
-            return {}
+    def _outage(self, name: str, tried: list[Record], failed: list[Record], cause: str | None) -> None:
+        """Log a sink's outage once when it starts and once when it ends, not once per part."""
+        if failed and (cause is not None or len(failed) == len(tried)):
+            if name not in self._outages:
+                reason = cause or (getattr(self._sink(name), "failures", None) or {}).get(failed[0].id, "not done")
+                self._outages[name] = reason
+                log.error("Sink %s failed for %d part(s): %s. Their verdicts are safe in the ledger; the sink is "
+                          "retried while running, with backoff up to %.0f s.", name, len(failed), reason, RETRY_MAX_S)
+            return
+        if name in self._outages and len(failed) < len(tried):
+            log.info("Sink %s works again (it had failed: %s).", name, self._outages.pop(name))
+        for record in failed:  # a row this sink cannot do while it does others: said once per row
+            if (name, record.id) not in self._row_warned:
+                self._row_warned.add((name, record.id))
+                log.warning("Sink %s left row %d pending: %s", name, record.id,
+                            (getattr(self._sink(name), "failures", None) or {}).get(record.id, "not done"))
+
+    def _sink(self, name: str):
+        return next(s for s in self.sinks if s.name == name)
+
+    def _retry_sinks(self) -> None:
+        """Try the failed sinks again once their backoff has passed (on the commit thread, as every sink)."""
+        if not self._retry_ids or time.monotonic() < self._retry_at:
+            return
+        ids, self._retry_ids = sorted(self._retry_ids), set()
+        self._retry_at = float("inf")
+        records = [r for r in self.ledger.get_many(ids) if r.pending & {s.name for s in self.sinks}]
+        left = self._sink_rows(records, lambda sink, mine: sink.replay(mine, self.inspector)) if records else set()
+        if left:
+            self._retry_delay = min(RETRY_MAX_S, self._retry_delay * 2)
+            self._retry_at = time.monotonic() + self._retry_delay * (0.75 + 0.5 * _jitter())
+        else:
+            self._retry_delay = RETRY_FIRST_S
 
     # --------------------------------------------------------------- replay
 
     def _replay(self) -> int:
-        """Run the sinks that an interrupted run left pending; returns the rows handled."""
+        """Run the sinks that an earlier run left pending; returns the rows handled."""
         records = self.ledger.pending()
         if not records:
             return 0
@@ -571,26 +587,35 @@ class Watcher:
                         "with them (%s).", ", ".join(sorted(orphans)),
                         ", ".join({"sort": "--sort", "heatmaps": "--heatmaps", "jsonl": "--results"}[n]
                                   for n in sorted(orphans)))
-        log.info("Replaying the sinks of %d part(s) left pending by an interrupted run.", len(records))
-        by_id = {r.id: r for r in records}
-        pending = {r.id: r.pending for r in records}
-        columns: dict[int, dict] = {r.id: {} for r in records}
-        for sink in self.sinks:
-            mine = [by_id[i] for i in by_id if sink.name in pending[i]]
-            if not mine:
-                continue
-            for row_id, values in self._sink_call(sink, sink.replay, mine, self.inspector).items():
-                pending[row_id].discard(sink.name)
-                columns[row_id].update(values)
-                by_id[row_id] = replace(by_id[row_id], **values)
-        self.ledger.finish_sinks({i: {**columns[i], "sinks_pending": " ".join(sorted(pending[i]))} for i in columns})
+        failed = [r for r in records if r.sink_error]
+        if failed:
+            log.info("Replaying the sinks of %d part(s): %d left pending by a sink that failed (first: row %d, %s), "
+                     "%d by an interrupted run.", len(records), len(failed), failed[0].id, failed[0].sink_error,
+                     len(records) - len(failed))
+        else:
+            log.info("Replaying the sinks of %d part(s) left pending by an interrupted run.", len(records))
+        self._sink_rows(records, lambda sink, mine: sink.replay(mine, self.inspector))
         return len(records)
+
+
+def _jitter() -> float:
+    import random
+
+    return random.random()
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: a file name with a newline must not forge a log line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _log_verdict(record: Record) -> None:
     name = Path(record.source).name if record.kind == "file" else f"{record.source} frame {record.frame_index}"
+    name = printable(name)
     if record.verdict == "error":
-        log.info("error  %s (#%d): %s", name, record.id, record.error)
+        log.info("error  %s (#%d): %s", name, record.id, printable(record.error or ""))
     else:
         log.info("%-5s  %s (#%d): score %.4g, threshold %.4g, %.0f ms", record.verdict, name, record.id,
                  record.score, record.threshold, record.latency_ms)
@@ -621,7 +646,8 @@ def _refuse_inside(folder: Path, path: Path | None, flag: str, ignore: Sequence[
 
 
 def run_watch(model: str | os.PathLike, folder: str | os.PathLike | None = None, *, camera: str | None = None,
-              poll: float | None = None, settle: float = 1.0, backlog: bool = True, ignore: Sequence[str] = (),
+              poll: float | None = None, settle: float = 1.0, settle_unsure: float = 10.0, backlog: bool = True,
+              ignore: Sequence[str] = (),
               sort: bool = False, heatmaps: str | os.PathLike | None = None,
               results: str | os.PathLike | None = None, ledger: str | os.PathLike | None = None,
               max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, device: str = "auto",
@@ -633,7 +659,7 @@ def run_watch(model: str | os.PathLike, folder: str | os.PathLike | None = None,
         model: the model folder.
         folder: the hot folder to watch; or
         camera: a camera URI (see :class:`~edge_inspect.sources.Camera`).
-        poll, settle, backlog: see :class:`~edge_inspect.sources.HotFolder`.
+        poll, settle, settle_unsure, backlog: see :class:`~edge_inspect.sources.HotFolder`.
         ignore: more name patterns to ignore, besides the defaults.
         sort: move each file into ``ok/``, ``ng/`` or ``error/`` of ``folder``.
         heatmaps: folder for the overlays of NG parts.
@@ -642,7 +668,10 @@ def run_watch(model: str | os.PathLike, folder: str | os.PathLike | None = None,
         max_pixels, batch_size, device, criterion, precision: settings of
             the pipeline and the inspector.
         every, fps: camera frame selection.
-        signals: stop gracefully on SIGTERM and SIGINT (main thread only).
+        signals: stop gracefully on SIGTERM, SIGINT and SIGHUP (main thread
+            only; see :mod:`edge_inspect.signals`). A signal caught before
+            the pipeline runs (while the model loads) stops it as soon as it
+            exists.
 
     Returns:
         The run's :class:`Summary`.
@@ -652,7 +681,24 @@ def run_watch(model: str | os.PathLike, folder: str | os.PathLike | None = None,
         message says.
     """
     import contextlib
-    import signal
+
+    own_signals = signals and not stop_signals.installed()
+    if own_signals:
+        stop_signals.install()
+    try:
+        return _run_watch(model, folder, camera=camera, poll=poll, settle=settle, settle_unsure=settle_unsure,
+                          backlog=backlog, ignore=ignore, sort=sort, heatmaps=heatmaps, results=results,
+                          ledger=ledger, max_pixels=max_pixels, batch_size=batch_size, device=device,
+                          criterion=criterion, precision=precision, every=every, fps=fps, signals=signals)
+    finally:
+        if own_signals:
+            with contextlib.suppress(KeyboardInterrupt):
+                stop_signals.release()
+
+
+def _run_watch(model, folder, *, camera, poll, settle, settle_unsure, backlog, ignore, sort, heatmaps, results,
+               ledger, max_pixels, batch_size, device, criterion, precision, every, fps, signals) -> Summary:
+    import contextlib
 
     from edge_inspect.inspector import Inspector
     from edge_inspect.sinks import HeatmapSink, JsonlSink, SortSink
@@ -676,6 +722,10 @@ def run_watch(model: str | os.PathLike, folder: str | os.PathLike | None = None,
             raise ConfigError(f"--heatmaps {heatmaps} is the watched folder itself, which would inspect the "
                               "overlays as parts. Give a sub-folder or another folder.")
 
+    if signals and stop_signals.requested():
+        stop_signals.claim(lambda: None)  # handled here: a stop before the start is a clean exit
+        log.info("Stopped before the model was loaded; nothing inspected.")
+        return Summary()
     inspector = Inspector.load(model, precision=precision, device=device, criterion=criterion,
                                batch_size=batch_size, anomaly_map=heatmaps is not None)
     with contextlib.ExitStack() as stack:
@@ -686,21 +736,19 @@ def run_watch(model: str | os.PathLike, folder: str | os.PathLike | None = None,
         if sort:
             sinks.append(SortSink(folder))
         if heatmaps is not None:
-            sinks.append(HeatmapSink(heatmaps))
+            sinks.append(HeatmapSink(heatmaps, max_pixels=max_pixels))
         if results is not None:
             sinks.append(JsonlSink(results))
         for sink in sinks:
             stack.callback(sink.close)
         if folder is not None:
             exclude = [*(sinks[0].folders if sort else []), *([Path(heatmaps)] if heatmaps is not None else [])]
-            source = stack.enter_context(HotFolder(folder, poll=poll, settle=settle, ignore=patterns,
-                                                   backlog=backlog, exclude=exclude))
+            source = stack.enter_context(HotFolder(folder, poll=poll, settle=settle, settle_unsure=settle_unsure,
+                                                   ignore=patterns, backlog=backlog, exclude=exclude))
         else:
             source = Camera(camera, every=every, fps=fps)
         watcher = Watcher(source, inspector, book, sinks=sinks, max_pixels=max_pixels)
-        if signals and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                previous = signal.signal(signum, lambda *_: watcher.stop())
-                stack.callback(signal.signal, signum, previous)
+        if signals:
+            stop_signals.claim(watcher.stop)
         log.info("Watching %s", folder if folder is not None else camera)
         return watcher.run()

@@ -74,6 +74,20 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def safe_name(name: str) -> str:
+    """A file name as valid UTF-8: each byte that is not (a surrogate escape) becomes ``%XX``.
+
+    Names that are valid UTF-8 come back unchanged. Control characters stay:
+    the file system allows them, and JSON escapes them.
+
+        >>> safe_name(os.fsdecode(b"bad\\xff\\xfe.jpeg"))
+        'bad%FF%FE.jpeg'
+    """
+    if not any("\udc80" <= c <= "\udcff" for c in name):
+        return name
+    return "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in name)
+
+
 def same_content(path: Path, record: Record) -> bool:
     """Whether ``path`` holds the bytes the row was decided on: size, mtime and sha256 all match."""
     import hashlib

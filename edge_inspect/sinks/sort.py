@@ -3,7 +3,11 @@
 The folders live inside the watched folder (the hot folder excludes them),
 so a move is a rename on the same file system: atomic, never a copy. A name
 already taken in the target folder is never overwritten: the file gets the
-ledger row id in its name (``part_7.png`` -> ``part_7-1234.png``). The move
+ledger row id in its name (``part_7.png`` -> ``part_7-1234.png``). A name
+that is not valid UTF-8 (bytes from a Windows share or an old camera) is
+given a UTF-8 one in its sort folder (:func:`~edge_inspect.sinks.base.safe_name`),
+so that the ledger, the JSON lines and every program downstream can name
+it. The move
 links the new name first and then removes the old one (both names point to
 the same file in between), falling back to ``os.replace`` on file systems
 without hard links; the folders are synced before the ledger marks the
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from edge_inspect.errors import InputError
 from edge_inspect.ledger import Record
-from edge_inspect.sinks.base import Done, fsync_dir, same_content
+from edge_inspect.sinks.base import Done, fsync_dir, safe_name, same_content
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,10 @@ class SortSink:
     name = "sort"
 
     def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
+        # Absolute: the ledger records where each file went, for any later working directory.
+        self.folder = Path(os.path.abspath(folder))
+        #: Row id -> why the last call left it pending.
+        self.failures: dict[int, str] = {}
         try:
             for verdict in FOLDERS:
                 (self.folder / verdict).mkdir(exist_ok=True)
@@ -87,19 +94,18 @@ class SortSink:
             try:
                 target = self._move(record)
             except OSError as exc:
-                log.error("Cannot move %s into %s/ (%s); the move is tried again at the next start.",
-                          record.source, record.verdict, exc.strerror or exc)
+                self.failures[record.id] = f"cannot move {record.source} into {record.verdict}/ ({exc.strerror or exc})"
                 continue
             updates[record.id] = {"sorted_path": None if target is None else str(target)}
             if target is not None:
-                touched.update((target.parent, Path(record.source).parent))
+                touched.update((target.parent, record.path.parent))
         for folder in touched:
             fsync_dir(folder)
         return updates
 
     def _candidates(self, record: Record) -> Iterator[Path]:
         """The names this sink gives the file, in the order it tries them."""
-        source = Path(record.source)
+        source = Path(safe_name(record.path.name))
         folder = self.folder / record.verdict
         yield folder / source.name
         yield folder / f"{source.stem}-{record.id}{source.suffix}"
@@ -108,7 +114,7 @@ class SortSink:
 
     def _move(self, record: Record) -> Path | None:
         """Move one file; its new path, or None when there is nothing left to move."""
-        source = Path(record.source)
+        source = record.path
         try:
             st = source.stat()
         except FileNotFoundError:

@@ -197,3 +197,28 @@ def test_where_writers_cannot_be_seen_a_file_waits_the_longer_settle(folder, tmp
     name, waited = out.stdout.split()
     # The mtime was 2.5 s old at start: it must still wait until 4 s of stillness, and not much longer.
     assert name == "quiet.png" and 1.0 <= float(waited) <= 3.5, out.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_a_service_user_with_cap_lease_alone_tells_a_paused_writer_from_a_finished_file(folder):
+    """As the systemd unit runs it: another user, no capability but CAP_LEASE, files of the camera's user."""
+    from tests.support.users import traversable
+
+    writer = Writer(folder / "open.png")
+    (folder / "done.png").write_bytes(PAYLOAD)
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from edge_inspect.sources.writers import WriteCheck
+        check = WriteCheck({str(folder)!r})
+        print(check.busy(Path({str(folder / 'open.png')!r})), check.busy(Path({str(folder / 'done.png')!r})))
+    """)
+    root = Path(__file__).resolve().parents[2]
+    try:
+        with traversable(sys.executable, root / "edge_inspect", folder / "x"):
+            out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                                  "--inh-caps=-all,+lease", "--ambient-caps=+lease", "--bounding-set=-all,+lease",
+                                  sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    finally:
+        writer.finish()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr

@@ -161,7 +161,9 @@ def test_the_unit_is_a_notify_service_with_a_watchdog_a_user_and_hardening():
         "Type": "notify", "User": "edge-inspect", "Group": "edge-inspect", "Restart": "on-failure",
         "KillSignal": "SIGTERM", "EnvironmentFile": "/etc/edge-inspect/edge-inspect.env",
         "ProtectSystem": "strict", "ReadWritePaths": "/srv/edge-inspect", "ProtectHome": "yes",
-        "NoNewPrivileges": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes", "CapabilityBoundingSet": "",
+        "NoNewPrivileges": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
+        # One capability: leases on the camera user's files tell a paused writer from a finished file.
+        "CapabilityBoundingSet": "CAP_LEASE", "AmbientCapabilities": "CAP_LEASE",
     }
     assert {k: service.get(k) for k in expected} == expected
     for key in ("WatchdogSec", "TimeoutStopSec", "TimeoutStartSec"):
