@@ -1,6 +1,6 @@
 """The ``edge-inspect`` console script (and ``python -m edge_inspect``).
 
-For ``watch``, the stop signals are caught before anything else is
+For ``watch`` and ``serve``, the stop signals are caught before anything else is
 imported: loading the CLI, NumPy and ONNX Runtime takes about a second, and
 a SIGTERM or SIGHUP in that second must still end in a drained stop with
 exit 0, not in Python's default action (:mod:`edge_inspect.signals`).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 #: Commands that run until stopped and drain on a stop signal.
-LONG_RUNNING = ("watch",)
+LONG_RUNNING = ("watch", "serve")
 
 
 def main() -> None:

@@ -84,10 +84,10 @@ def _main(
     ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
 ) -> None:
-    if ctx.invoked_subcommand != "watch":
+    if ctx.invoked_subcommand not in ("watch", "serve"):
         from edge_inspect import signals
 
-        signals.release()  # caught early for watch only; every other command keeps the default actions
+        signals.release()  # caught early for watch and serve only; every other command keeps the default actions
     _state["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[_log_handler(debug)], force=True)
 
@@ -499,36 +499,75 @@ def demo(
     console.print(f"Inspect your own images with: edge-inspect predict --model {model_dir} PATH...")
 
 
+def _about(key: str, kind: str = "folder") -> str:
+    """A flag's help: the configuration key's description and default, from the one place they live."""
+    from edge_inspect.config import CameraSource, FolderSource, Sinks
+
+    parts = key.split(".")
+    owner = Sinks if parts[0] == "sinks" else CameraSource if kind == "camera" else FolderSource
+    field = owner.model_fields[parts[-1]]
+    default = field.default
+    shown = "" if default is None or field.is_required() else f" Default: {default}."
+    return f"{field.description}{shown} (key {key})"
+
+
+#: Flags of `watch` -> the configuration key they set (under sources.watch). The one table that maps them.
+WATCH_FLAGS = {
+    "model": "--model", "path": "FOLDER", "uri": "--camera", "poll": "--poll", "settle": "--settle",
+    "settle_unsure": "--settle-unsure", "backlog": "--backlog/--no-backlog", "ignore": "--ignore",
+    "sinks.sort": "--sort", "sinks.heatmaps": "--heatmaps", "sinks.results": "--results", "ledger": "--ledger",
+    "max_pixels": "--max-pixels", "batch_size": "--batch-size", "device": "--device", "criterion": "--criterion",
+    "threshold": "--threshold", "precision": "--precision", "every": "--every", "fps": "--fps",
+}
+WATCH_SOURCE = "watch"
+
+
+def _flag_errors(message: str, typed: set[str]) -> str:
+    """Name the flag the user typed instead of its configuration key: "At 'sources.watch.settle'" -> "--settle"."""
+    import re
+
+    def swap(match):
+        key = match.group(1)
+        flag = WATCH_FLAGS.get(key) if key in typed else None
+        if flag == "FOLDER":  # the folder argument: its message names the folder itself
+            return ""
+        return f"{flag}: " if flag else match.group(0)
+
+    return re.sub(rf"At 'sources\.{WATCH_SOURCE}\.([a-z_.]+)': ?", swap, message)
+
+
 @app.command()
-@handle_errors
 def watch(
-    model: Annotated[Path, typer.Option(help="Model folder written by edge-inspect export.")],
+    model: Annotated[Path, typer.Option(help=_about("model"))],
     folder: Annotated[Optional[Path], typer.Argument(help="The hot folder to watch (or give --camera).")] = None,
-    camera: Annotated[Optional[str], typer.Option(help="Watch a camera instead: device index, rtsp:// or http:// URL, video file, or GStreamer pipeline.")] = None,
-    poll: Annotated[Optional[float], typer.Option(help="Scan the folder every SECONDS instead of inotify events (network shares).")] = None,
-    settle: Annotated[float, typer.Option(help="Seconds a file must hold still, with no process writing it, when no close event says it is complete (polling, rescans, files there at start).")] = 1.0,
-    settle_unsure: Annotated[float, typer.Option(help="Seconds a file must hold still where open writers cannot be seen (network shares).")] = 10.0,
-    backlog: Annotated[bool, typer.Option("--backlog/--no-backlog", help="Inspect the files already in the folder at start (the ledger skips those already inspected).")] = True,
-    ignore: Annotated[Optional[list[str]], typer.Option(help="Also ignore file names matching this pattern (repeatable), besides hidden and partial files.")] = None,
-    sort: Annotated[bool, typer.Option("--sort", help="Move each file into ok/, ng/ or error/ inside the watched folder.")] = False,
-    heatmaps: Annotated[Optional[Path], typer.Option(help="Write an anomaly-map overlay (PNG) for each NG part to this folder.")] = None,
-    results: Annotated[Optional[Path], typer.Option(help="Append one JSON line per verdict to this file.")] = None,
-    ledger: Annotated[Optional[Path], typer.Option(help="The ledger file (default: FOLDER/.edge-inspect/ledger.sqlite, or ./edge-inspect-ledger.sqlite for a camera).")] = None,
-    max_pixels: Annotated[int, typer.Option(help="Images with more pixels get an error verdict, undecoded.")] = 50_000_000,
-    batch_size: Annotated[int, typer.Option(help="At most this many images per session run (a lone part runs alone).")] = 8,
-    device: Annotated[Device, typer.Option(help="auto: CUDA if it loads, else CPU; cuda: fail unless CUDA runs.")] = Device.auto,
-    criterion: Annotated[Optional[str], typer.Option(help="Decide with this criterion instead of the card's default.")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(help="Which graph of the folder to run (default: the card's).")] = None,
-    every: Annotated[int, typer.Option(help="Camera: inspect every N-th frame.")] = 1,
-    fps: Annotated[Optional[float], typer.Option(help="Camera: inspect at most this many frames per second.")] = None,
+    camera: Annotated[Optional[str], typer.Option(help=_about("uri", "camera"))] = None,
+    poll: Annotated[Optional[float], typer.Option(help=_about("poll"))] = None,
+    settle: Annotated[Optional[float], typer.Option(help=_about("settle"))] = None,
+    settle_unsure: Annotated[Optional[float], typer.Option(help=_about("settle_unsure"))] = None,
+    backlog: Annotated[Optional[bool], typer.Option("--backlog/--no-backlog", help=_about("backlog"))] = None,
+    ignore: Annotated[Optional[list[str]], typer.Option(help=_about("ignore") + " Repeatable.")] = None,
+    sort: Annotated[bool, typer.Option("--sort", help=_about("sinks.sort"))] = False,
+    heatmaps: Annotated[Optional[Path], typer.Option(help=_about("sinks.heatmaps"))] = None,
+    results: Annotated[Optional[Path], typer.Option(help=_about("sinks.results"))] = None,
+    ledger: Annotated[Optional[Path], typer.Option(help=_about("ledger"))] = None,
+    max_pixels: Annotated[Optional[int], typer.Option(help=_about("max_pixels"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_about("batch_size"))] = None,
+    device: Annotated[Optional[Device], typer.Option(help=_about("device"))] = None,
+    criterion: Annotated[Optional[str], typer.Option(help=_about("criterion"))] = None,
+    threshold: Annotated[Optional[float], typer.Option(help=_about("threshold"))] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help=_about("precision"))] = None,
+    every: Annotated[Optional[int], typer.Option(help=_about("every", "camera"))] = None,
+    fps: Annotated[Optional[float], typer.Option(help=_about("fps", "camera"))] = None,
 ) -> None:
     """Watch a hot folder (or a camera) and give every part exactly one durable verdict.
 
     Each verdict is committed to a SQLite ledger before anything else
     happens to the part; restarts (after a crash or a power cut) inspect
     nothing twice and miss nothing. SIGTERM, SIGHUP or Ctrl-C finishes the
-    parts in hand and exits 0. Logs each verdict; see them later with edge-inspect
-    results.
+    parts in hand and exits 0. Logs each verdict; see them later with
+    edge-inspect results. The flags set the keys of one source of the
+    service configuration (edge-inspect serve); EDGE_INSPECT_SOURCES__WATCH__KEY
+    variables set the others.
 
     Examples:
 
@@ -536,15 +575,87 @@ def watch(
 
         edge-inspect watch --camera rtsp://10.0.0.7/stream1 --model models/linear-ae --every 5
     """
-    from edge_inspect.watch import run_watch
-
-    summary = run_watch(model, folder, camera=camera, poll=poll, settle=settle, settle_unsure=settle_unsure,
-                        backlog=backlog, ignore=ignore or (),
-                        sort=sort, heatmaps=heatmaps, results=results, ledger=ledger, max_pixels=max_pixels,
-                        batch_size=batch_size, device=device.value, criterion=criterion,
-                        precision=precision.value if precision else None, every=every, fps=fps)
+    values = {"model": model, "path": folder, "uri": camera, "poll": poll, "settle": settle,
+              "settle_unsure": settle_unsure, "backlog": backlog, "ignore": ignore or None,
+              "sinks.sort": sort or None, "sinks.heatmaps": heatmaps, "sinks.results": results, "ledger": ledger,
+              "max_pixels": max_pixels, "batch_size": batch_size, "device": device.value if device else None,
+              "criterion": criterion, "threshold": threshold, "precision": precision.value if precision else None,
+              "every": every, "fps": fps}
+    typed = {key for key, value in values.items() if value is not None}
+    try:
+        summary = _watch(values, typed, folder, camera)
+    except EdgeInspectError as exc:
+        _fail(_flag_errors(str(exc), typed), exc)
     err_console.print(f"{summary.ok} ok, {summary.ng} ng, {summary.error} error; {summary.duplicates} already "
                       f"inspected, {summary.replayed} with sinks replayed; {summary.seconds:.1f} s", highlight=False)
+
+
+def _fail(message: str, exc: BaseException):
+    if _state["debug"]:
+        err_console.print_exception()
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
+
+
+def _watch(values: dict, typed: set[str], folder: Path | None, camera: str | None):
+    from edge_inspect import config as configuration
+    from edge_inspect.errors import ConfigError
+    from edge_inspect.service import Service
+
+    if (folder is None) == (camera is None):
+        raise ConfigError("Watch needs a folder to watch or --camera URI (exactly one of them).")
+    if camera is not None and "sinks.sort" in typed:
+        raise ConfigError("--sort moves files of a watched folder; a camera's frames are not files. Drop --sort.")
+    if folder is not None and ({"every", "fps"} & typed):
+        raise ConfigError("--every and --fps select camera frames; they do not apply to a folder.")
+    at = f"sources.{WATCH_SOURCE}"
+    overrides = {f"{at}.{key}": (str(value) if isinstance(value, Path) else value) for key, value in values.items()
+                 if key in typed}
+    overrides[f"{at}.kind"] = "folder" if folder is not None else "camera"
+    overrides["http.enabled"] = False
+    config = configuration.load(None, overrides=overrides)
+    problems = configuration.check(config)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    summaries = Service(config, overrides=overrides, reload=False).run()
+    return summaries[WATCH_SOURCE]
+
+
+@app.command()
+@handle_errors
+def serve(
+    config: Annotated[Optional[Path], typer.Option("--config", help="The configuration file (TOML); default: $EDGE_INSPECT_CONFIG.")] = None,
+) -> None:
+    """Run every source of a configuration file: hot folders and cameras, health and metrics, reload on SIGHUP.
+
+    Every part of every source gets exactly one durable verdict, as with
+    watch. SIGHUP reloads the configuration and the models without losing a
+    part; SIGTERM or Ctrl-C finishes the parts in hand and exits 0. Check a
+    file first with edge-inspect config check.
+
+    Example:
+
+        edge-inspect serve --config /etc/edge-inspect/config.toml
+    """
+    import os
+
+    from edge_inspect import config as configuration
+    from edge_inspect.errors import ConfigError
+    from edge_inspect.service import Service
+
+    if config is None:
+        if not os.environ.get("EDGE_INSPECT_CONFIG"):
+            raise ConfigError("serve needs a configuration file: --config FILE, or EDGE_INSPECT_CONFIG=FILE. Start "
+                              "from deploy/config.example.toml.")
+        config = Path(os.environ["EDGE_INSPECT_CONFIG"])
+    loaded = configuration.load(config)
+    problems = configuration.check(loaded)
+    if problems:
+        raise ConfigError(f"{config} cannot start:\n" + "\n".join(problems))
+    summaries = Service(loaded, config_path=config).run()
+    for name, summary in summaries.items():
+        err_console.print(f"{name}: {summary.ok} ok, {summary.ng} ng, {summary.error} error; {summary.duplicates} "
+                          f"already inspected", highlight=False)
 
 
 @app.command()
@@ -702,6 +813,90 @@ def ledger_recover(
                       "the next start of edge-inspect watch.", highlight=False, soft_wrap=True)
     console.print(f"The damaged file is kept as {report.damaged} (with its -wal and -shm, if it had them).",
                   highlight=False, soft_wrap=True)
+
+
+config_app = typer.Typer(name="config", help="Check, show and describe the service configuration file.",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("check")
+@handle_errors
+def config_check(
+    file: Annotated[Path, typer.Argument(help="The configuration file (TOML).")],
+) -> None:
+    """Validate a configuration without starting anything: types, paths, permissions, models, camera URIs.
+
+    Exit 0 when it would start; 2 with one line per problem when not.
+
+    Example:
+
+        edge-inspect config check /etc/edge-inspect/config.toml
+    """
+    from edge_inspect import config as configuration
+    from edge_inspect.errors import ConfigError
+
+    try:
+        loaded = configuration.load(file)
+    except ConfigError as exc:
+        err_console.print(f"{escape(str(file))}: invalid.\n{escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    problems = configuration.check(loaded)
+    if problems:
+        err_console.print(f"{escape(str(file))}: {len(problems)} problem(s).\n" + escape("\n".join(problems)),
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    names = ", ".join(f"{name} ({source.kind})" for name, source in loaded.sources.items())
+    console.print(f"{escape(str(file))}: OK. Sources: {escape(names)}.", highlight=False, soft_wrap=True)
+
+
+@config_app.command("show")
+@handle_errors
+def config_show(
+    file: Annotated[Optional[Path], typer.Argument(help="The configuration file (default: $EDGE_INSPECT_CONFIG).")] = None,
+) -> None:
+    """Print the effective configuration, each value with where it came from (default, file, environment); secrets masked.
+
+    Example:
+
+        EDGE_INSPECT_HTTP__PORT=9200 edge-inspect config show /etc/edge-inspect/config.toml
+    """
+    import os
+
+    from edge_inspect import config as configuration
+
+    file = file or (Path(os.environ["EDGE_INSPECT_CONFIG"]) if os.environ.get("EDGE_INSPECT_CONFIG") else None)
+    loaded = configuration.load_with_origins(file)
+    table = Table(title=f"Effective configuration{f' of {file}' if file else ''}")
+    table.add_column("key", no_wrap=True)
+    table.add_column("value")
+    table.add_column("from")
+    for key, value, origin in configuration.effective(loaded):
+        table.add_row(escape(key), escape(value), escape(origin))
+    console.print(table)
+
+
+@config_app.command("schema")
+@handle_errors
+def config_schema(
+    out: Annotated[Optional[Path], typer.Option(help="Write it to this file instead of standard output.")] = None,
+) -> None:
+    """Write the JSON Schema of the configuration file, for editors to complete and check it.
+
+    Example:
+
+        edge-inspect config schema --out edge-inspect.schema.json
+    """
+    import json
+
+    from edge_inspect import config as configuration
+
+    text = json.dumps(configuration.schema(), indent=2) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        err_console.print(f"Wrote {out}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

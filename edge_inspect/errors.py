@@ -13,7 +13,17 @@ class EdgeInspectError(Exception):
 
 
 class ConfigError(EdgeInspectError):
-    """A setting, flag or configuration file value is wrong."""
+    """A setting, flag or configuration file value is wrong.
+
+    Attributes:
+        key: the configuration key at fault (``"sources.line2.settle"``),
+            when one is; the CLI names the flag instead where the user typed
+            one.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class ModelCardError(EdgeInspectError):

@@ -90,6 +90,32 @@ class Result:
         }
 
 
+def open_model(model_dir: str | os.PathLike, *, precision: str | None = None, device: str = "auto",
+               threads: int | None = None) -> tuple[ModelCard, object, str, str]:
+    """A model folder's card and one ONNX Runtime session of it, which several inspectors may share.
+
+    Returns:
+        ``(card, session, active device, precision)``.
+
+    Raises:
+        ModelCardError: missing, invalid or tampered card or graph.
+        ConfigError: an unknown device; CUDA not active.
+    """
+    card = load_card(model_dir)
+    precision = precision or card.default_precision
+    data = read_verified(card, precision)
+    name = f"{card.path(precision)}"
+    session, active = create_session(data, device, threads=threads, name=name)
+    check_metadata(card, precision, session.get_modelmeta().custom_metadata_map)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
+        raise ModelCardError(
+            f"{name} has inputs {[i.name for i in inputs]} and outputs {[o.name for o in outputs]}; "
+            f"expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}. Export the model again."
+        )
+    return card, session, active, precision
+
+
 class Inspector:
     """A loaded model folder, ready to inspect images.
 
@@ -105,10 +131,13 @@ class Inspector:
         batch_size: images per session run in :meth:`inspect_batch`.
         anomaly_map: return the per-pixel map with each result.
         sigma: Gaussian smoothing of the map, in pixels (0: none).
+        threshold: decide with this threshold instead of the card's (on
+            the criterion's own scale, as the card writes it).
     """
 
     def __init__(self, card: ModelCard, session, *, device: str, precision: str, criterion: str | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE, anomaly_map: bool = False, sigma: float = 0.0):
+                 batch_size: int = DEFAULT_BATCH_SIZE, anomaly_map: bool = False, sigma: float = 0.0,
+                 threshold: float | None = None):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
         self.card = card
@@ -123,6 +152,10 @@ class Inspector:
                 f"{', '.join(card.calibration['criteria'])}."
             )
         self.entry = card.calibration["criteria"][self.criterion]
+        if threshold is not None:
+            if not math.isfinite(threshold):
+                raise ConfigError(f"threshold must be a finite number, got {threshold!r}.", key="threshold")
+            self.entry = {**self.entry, "threshold": float(threshold)}
         self.size = card.size
         self.batch_size = batch_size
         self.anomaly_map = anomaly_map
@@ -147,18 +180,7 @@ class Inspector:
             ModelCardError: missing, invalid or tampered card or graph.
             ConfigError: an unknown criterion or device; CUDA not active.
         """
-        card = load_card(model_dir)
-        precision = precision or card.default_precision
-        data = read_verified(card, precision)
-        name = f"{card.path(precision)}"
-        session, active = create_session(data, device, threads=threads, name=name)
-        check_metadata(card, precision, session.get_modelmeta().custom_metadata_map)
-        inputs, outputs = session.get_inputs(), session.get_outputs()
-        if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
-            raise ModelCardError(
-                f"{name} has inputs {[i.name for i in inputs]} and outputs {[o.name for o in outputs]}; "
-                f"expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}. Export the model again."
-            )
+        card, session, active, precision = open_model(model_dir, precision=precision, device=device, threads=threads)
         inspector = cls(card, session, device=active, precision=precision, **kwargs)
         inspector.warmup()
         return inspector

@@ -7,8 +7,9 @@ draining. So the console script calls :func:`install` before it imports the
 CLI, and the watcher later :func:`claim` s what was caught:
 
 - SIGTERM, SIGINT: stop; the parts in hand are finished; exit 0.
-- SIGHUP: the same, logged as such: a watcher has no configuration to
-  reload, so a reload is a drained stop (systemd restarts the unit).
+- SIGHUP: ``serve`` reloads its configuration and models; ``watch`` has
+  no configuration to reload, so for it SIGHUP is a drained stop, logged
+  as such.
 
 Any other command :func:`release` s the signals at its start: the default
 actions come back, and a signal caught meanwhile is delivered again.
@@ -33,6 +34,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _lock = threading.Lock()
 _caught: list[int] = []
 _callback: Callable[[], None] | None = None
+_on_hup: Callable[[], None] | None = None
 _previous: dict[int, object] = {}
 
 
@@ -40,6 +42,9 @@ def _handler(signum, frame) -> None:
     callback = _callback
     if callback is None:
         _caught.append(signum)  # for the watcher to claim, or to be delivered again on release
+        return
+    if signum == signal.SIGHUP and _on_hup is not None:
+        _on_hup()
         return
     _announce(signum)
     callback()
@@ -66,16 +71,23 @@ def install() -> None:
         _previous[signum] = signal.signal(signum, _handler)
 
 
-def claim(callback: Callable[[], None]) -> bool:
-    """Route the stop signals to ``callback``; call it at once if one was caught already. True if one was."""
-    global _callback
+def claim(callback: Callable[[], None], on_hup: Callable[[], None] | None = None) -> bool:
+    """Route the stop signals to ``callback`` (SIGHUP to ``on_hup`` when given); act at once on those caught already.
+
+    Returns:
+        True when a stop signal had been caught already (``callback`` was called).
+    """
+    global _callback, _on_hup
     with _lock:
-        _callback = callback
+        _callback, _on_hup = callback, on_hup
         caught, _caught[:] = list(_caught), []
-    if caught:
-        _announce(caught[0])
+    stops = [signum for signum in caught if not (signum == signal.SIGHUP and on_hup is not None)]
+    if len(stops) < len(caught):
+        on_hup()
+    if stops:
+        _announce(stops[0])
         callback()
-    return bool(caught)
+    return bool(stops)
 
 
 def requested() -> bool:
@@ -85,10 +97,10 @@ def requested() -> bool:
 
 def release() -> None:
     """Give the signals their previous handlers back, and deliver again the ones caught and never claimed."""
-    global _callback
+    global _callback, _on_hup
     if threading.current_thread() is not threading.main_thread():
         return
-    _callback = None
+    _callback = _on_hup = None
     for signum, previous in _previous.items():
         signal.signal(signum, previous)
     _previous.clear()

@@ -50,7 +50,6 @@ from pathlib import Path
 import numpy as np
 
 from edge_inspect import notify
-from edge_inspect import signals as stop_signals
 from edge_inspect.errors import ConfigError, EdgeInspectError, InputError
 from edge_inspect.imageheader import DEFAULT_MAX_PIXELS, image_dimensions  # noqa: F401  (re-exported)
 from edge_inspect.imageheader import check_pixels as _check_pixels
@@ -66,7 +65,7 @@ _END = object()
 _TICK = 0.5
 #: First and longest wait before a failed sink is tried again while running.
 RETRY_FIRST_S = 1.0
-RETRY_MAX_S = 300.0
+RETRY_MAX_S = 60.0
 
 
 class _Aborted(Exception):
@@ -163,16 +162,25 @@ class Watcher:
         max_bytes: files larger than this get an error verdict unread
             (default: 8 bytes a pixel of ``max_pixels``, the size of an
             uncompressed 16-bit RGBA image, plus 1 MiB).
+        systemd: tell systemd READY, WATCHDOG and STOPPING itself (a lone
+            watcher); a service of several watchers does it for them, from
+            :attr:`ready` and :attr:`progress_at`.
+        observer: told of each committed batch (``committed(records)``)
+            and each model run (``inferred(batch_size, seconds)``): metrics.
+        disk_guard: ``guard(folder) -> reason | None``; while it gives a
+            reason for a sink's folder, sorting and heatmaps wait (their
+            rows stay pending with the reason) and verdicts still commit.
 
     Raises:
         ConfigError: a bad setting.
     """
 
     def __init__(self, source: Iterable, inspector, ledger: Ledger, *, sinks: Sequence[Sink] = (), readers: int = 2,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None, systemd: bool = True,
+                 observer=None, disk_guard=None):
         if readers < 1 or max_pixels < 1:
-            raise ConfigError(f"Watch needs at least 1 reader and a positive --max-pixels; got readers={readers}, "
-                              f"max_pixels={max_pixels}.")
+            raise ConfigError(f"A watcher needs at least 1 reader and a positive max_pixels; got readers={readers}, "
+                              f"max_pixels={max_pixels}.", key="max_pixels" if max_pixels < 1 else "readers")
         names = [s.name for s in sinks]
         if len(set(names)) != len(names) or not set(names) <= set(SINK_ORDER):
             raise ConfigError(f"Sinks must be distinct and among {', '.join(SINK_ORDER)}; got {', '.join(names)}.")
@@ -185,6 +193,18 @@ class Watcher:
         self.max_bytes = max_bytes if max_bytes is not None else max_pixels * 8 + (1 << 20)
         self.model_sha256 = inspector.card.data["files"][inspector.precision]["sha256"]
         self.keep_images = any(s.name == "heatmaps" for s in sinks)
+        self.systemd = systemd
+        self.observer = observer
+        self.disk_guard = disk_guard
+        #: Set once the pending sinks are replayed and the pipeline runs.
+        self.ready = threading.Event()
+        #: ``time.monotonic()`` of the last real progress: a commit, or an idle turn of a healthy pipeline.
+        self.progress_at = time.monotonic()
+        #: ``time.monotonic()`` of the last commit (or of the start).
+        self.committed_mono = time.monotonic()
+        #: Why sorting and heatmaps are paused, while they are.
+        self.paused: str | None = None
+        self._paused_by: dict[str, str | None] = {}
         depth = 4 * inspector.batch_size
         self._items: queue.Queue = queue.Queue(depth)
         self._parts: queue.Queue = queue.Queue(depth)
@@ -213,7 +233,8 @@ class Watcher:
         self._stopping.set()
         if first:
             log.info("Stopping: finishing the parts in hand.")
-            notify.stopping()
+            if self.systemd:
+                notify.stopping()
         stop = getattr(self.source, "stop", None)
         if stop is not None:
             stop()
@@ -273,8 +294,10 @@ class Watcher:
         """
         start = time.monotonic()
         replayed = self._replay()
-        notify.ready()
-        notify.status("Watching")
+        if self.systemd:
+            notify.ready()
+            notify.status("Watching")
+        self.ready.set()
         threads = [threading.Thread(target=self._stage(self._source_loop, self._end_items), name="watch-source",
                                     daemon=True)]
         threads += [threading.Thread(target=self._stage(self._reader_loop, lambda: self._put(self._parts, _END)),
@@ -288,7 +311,7 @@ class Watcher:
                 for thread in threads:
                     thread.join(timeout=_TICK)
         finally:
-            if not self._stopping.is_set():  # the source ended by itself (a video file)
+            if not self._stopping.is_set() and self.systemd:  # the source ended by itself (a video file)
                 notify.stopping()
             if any(t.is_alive() for t in threads):
                 self._fail(RuntimeError("watch interrupted"))
@@ -414,8 +437,11 @@ class Watcher:
     def _inspect(self, batch: list[_Part]) -> None:
         good = [p for p in batch if p.error is None]
         if good:
+            began = time.perf_counter()
             results = self.inspector.inspect_batch([p.image for p in good], [p.ident["source"] for p in good],
                                                    prepared=True)
+            if self.observer is not None:
+                self.observer.inferred(len(good), time.perf_counter() - began)
             now = time.time()
             for part, result in zip(good, results):
                 part.result, part.inspected_at, part.image = result, now, None
@@ -425,9 +451,10 @@ class Watcher:
     # --------------------------------------------------------------- commit
 
     def _ping(self) -> None:
-        """WATCHDOG=1, at most once a second (systemd's watchdog timeouts are seconds or more)."""
+        """Progress: WATCHDOG=1 at most once a second (systemd's watchdog timeouts are seconds or more)."""
         now = time.monotonic()
-        if now - self._last_ping >= 1.0:
+        self.progress_at = now
+        if self.systemd and now - self._last_ping >= 1.0:
             self._last_ping = now
             notify.watchdog()
 
@@ -473,6 +500,9 @@ class Watcher:
     def _commit(self, parts: list[_Part]) -> None:
         committed_at = time.time()
         written = self.ledger.record([self._record(p, committed_at) for p in parts])
+        self.committed_mono = time.monotonic()
+        if self.observer is not None:
+            self.observer.committed([r for r in written if r is not None])
         done = []
         for part, record in zip(parts, written):
             if record is None:
@@ -515,9 +545,12 @@ class Watcher:
             failures = getattr(sink, "failures", None)
             if failures is not None:
                 failures.clear()
+            paused = self._paused(sink)
             try:
-                updates = call(sink, mine)
-                cause = None
+                if paused is not None:
+                    updates, cause = {}, paused
+                else:
+                    updates, cause = call(sink, mine), None
             except (OSError, EdgeInspectError) as exc:
                 updates, cause = {}, (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
             for row_id, values in updates.items():
@@ -556,6 +589,14 @@ class Watcher:
                 log.warning("Sink %s left row %d pending: %s", name, record.id,
                             (getattr(self._sink(name), "failures", None) or {}).get(record.id, "not done"))
 
+    def _paused(self, sink) -> str | None:
+        """The low-disk guard's reason to hold sorting and heatmaps back, or None (its outage is logged as a sink's)."""
+        if self.disk_guard is None or sink.name not in ("sort", "heatmaps"):
+            return None
+        self._paused_by[sink.name] = reason = self.disk_guard(sink.folder)
+        self.paused = next((r for r in self._paused_by.values() if r is not None), None)
+        return reason
+
     def _sink(self, name: str):
         return next(s for s in self.sinks if s.name == name)
 
@@ -585,7 +626,7 @@ class Watcher:
         if orphans:
             log.warning("Some parts wait for sink(s) %s, which this run does not use; they stay pending until a run "
                         "with them (%s).", ", ".join(sorted(orphans)),
-                        ", ".join({"sort": "--sort", "heatmaps": "--heatmaps", "jsonl": "--results"}[n]
+                        ", ".join({"sort": "sinks.sort", "heatmaps": "sinks.heatmaps", "jsonl": "sinks.results"}[n]
                                   for n in sorted(orphans)))
         failed = [r for r in records if r.sink_error]
         if failed:
@@ -621,134 +662,8 @@ def _log_verdict(record: Record) -> None:
                  record.score, record.threshold, record.latency_ms)
 
 
-# ------------------------------------------------------------ the command
-
-
-#: The ledger of a camera, when no --ledger is given: in the working directory.
-CAMERA_LEDGER = "edge-inspect-ledger.sqlite"
-
-
 def default_ledger(folder: str | os.PathLike | None) -> Path:
     """``<folder>/.edge-inspect/ledger.sqlite`` (hidden: the hot folder skips it), or ``./edge-inspect-ledger.sqlite``."""
+    from edge_inspect.config import CAMERA_LEDGER
+
     return Path(folder) / ".edge-inspect" / "ledger.sqlite" if folder is not None else Path(CAMERA_LEDGER)
-
-
-def _refuse_inside(folder: Path, path: Path | None, flag: str, ignore: Sequence[str]) -> None:
-    """A file the watcher writes must not sit where the hot folder would yield it back."""
-    import fnmatch
-
-    if path is None or Path(os.path.abspath(path)).parent != Path(os.path.abspath(folder)):
-        return
-    if any(fnmatch.fnmatchcase(path.name.lower(), p.lower()) for p in ignore):
-        return
-    raise ConfigError(f"{flag} {path} lies in the watched folder {folder}, which would inspect it as a part. "
-                      f"Put it elsewhere, in a sub-folder, or give it a hidden name (.{path.name}).")
-
-
-def run_watch(model: str | os.PathLike, folder: str | os.PathLike | None = None, *, camera: str | None = None,
-              poll: float | None = None, settle: float = 1.0, settle_unsure: float = 10.0, backlog: bool = True,
-              ignore: Sequence[str] = (),
-              sort: bool = False, heatmaps: str | os.PathLike | None = None,
-              results: str | os.PathLike | None = None, ledger: str | os.PathLike | None = None,
-              max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, device: str = "auto",
-              criterion: str | None = None, precision: str | None = None, every: int = 1,
-              fps: float | None = None, signals: bool = True) -> Summary:
-    """``edge-inspect watch``: load the model, open the ledger and sinks, watch until stopped.
-
-    Args:
-        model: the model folder.
-        folder: the hot folder to watch; or
-        camera: a camera URI (see :class:`~edge_inspect.sources.Camera`).
-        poll, settle, settle_unsure, backlog: see :class:`~edge_inspect.sources.HotFolder`.
-        ignore: more name patterns to ignore, besides the defaults.
-        sort: move each file into ``ok/``, ``ng/`` or ``error/`` of ``folder``.
-        heatmaps: folder for the overlays of NG parts.
-        results: JSONL file, one line per verdict.
-        ledger: the ledger file (default: :func:`default_ledger`).
-        max_pixels, batch_size, device, criterion, precision: settings of
-            the pipeline and the inspector.
-        every, fps: camera frame selection.
-        signals: stop gracefully on SIGTERM, SIGINT and SIGHUP (main thread
-            only; see :mod:`edge_inspect.signals`). A signal caught before
-            the pipeline runs (while the model loads) stops it as soon as it
-            exists.
-
-    Returns:
-        The run's :class:`Summary`.
-
-    Raises:
-        ConfigError, SourceError, ModelCardError, InputError: what the
-        message says.
-    """
-    import contextlib
-
-    own_signals = signals and not stop_signals.installed()
-    if own_signals:
-        stop_signals.install()
-    try:
-        return _run_watch(model, folder, camera=camera, poll=poll, settle=settle, settle_unsure=settle_unsure,
-                          backlog=backlog, ignore=ignore, sort=sort, heatmaps=heatmaps, results=results,
-                          ledger=ledger, max_pixels=max_pixels, batch_size=batch_size, device=device,
-                          criterion=criterion, precision=precision, every=every, fps=fps, signals=signals)
-    finally:
-        if own_signals:
-            with contextlib.suppress(KeyboardInterrupt):
-                stop_signals.release()
-
-
-def _run_watch(model, folder, *, camera, poll, settle, settle_unsure, backlog, ignore, sort, heatmaps, results,
-               ledger, max_pixels, batch_size, device, criterion, precision, every, fps, signals) -> Summary:
-    import contextlib
-
-    from edge_inspect.inspector import Inspector
-    from edge_inspect.sinks import HeatmapSink, JsonlSink, SortSink
-    from edge_inspect.sources import DEFAULT_IGNORE, Camera, HotFolder
-
-    if (folder is None) == (camera is None):
-        raise ConfigError("Watch needs a folder to watch or --camera URI (exactly one of them).")
-    if camera is not None and sort:
-        raise ConfigError("--sort moves files of a watched folder; a camera's frames are not files. Drop --sort.")
-    if folder is not None and (every != 1 or fps is not None):
-        raise ConfigError("--every and --fps select camera frames; they do not apply to a folder.")
-    patterns = (*DEFAULT_IGNORE, *ignore)
-    ledger_path = Path(ledger) if ledger is not None else default_ledger(folder)
-    if folder is not None:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ConfigError(f"Watched folder {folder} does not exist or is not a folder; create it or check the path.")
-        _refuse_inside(folder, ledger_path, "--ledger", patterns)
-        _refuse_inside(folder, Path(results) if results is not None else None, "--results", patterns)
-        if heatmaps is not None and os.path.abspath(heatmaps) == os.path.abspath(folder):
-            raise ConfigError(f"--heatmaps {heatmaps} is the watched folder itself, which would inspect the "
-                              "overlays as parts. Give a sub-folder or another folder.")
-
-    if signals and stop_signals.requested():
-        stop_signals.claim(lambda: None)  # handled here: a stop before the start is a clean exit
-        log.info("Stopped before the model was loaded; nothing inspected.")
-        return Summary()
-    inspector = Inspector.load(model, precision=precision, device=device, criterion=criterion,
-                               batch_size=batch_size, anomaly_map=heatmaps is not None)
-    with contextlib.ExitStack() as stack:
-        book = stack.enter_context(Ledger.open(ledger_path))
-        log.info("Model %s (%s on %s, criterion %s); ledger %s", model, inspector.precision, inspector.device,
-                 inspector.criterion, ledger_path)
-        sinks: list = []
-        if sort:
-            sinks.append(SortSink(folder))
-        if heatmaps is not None:
-            sinks.append(HeatmapSink(heatmaps, max_pixels=max_pixels))
-        if results is not None:
-            sinks.append(JsonlSink(results))
-        for sink in sinks:
-            stack.callback(sink.close)
-        if folder is not None:
-            exclude = [*(sinks[0].folders if sort else []), *([Path(heatmaps)] if heatmaps is not None else [])]
-            source = stack.enter_context(HotFolder(folder, poll=poll, settle=settle, settle_unsure=settle_unsure,
-                                                   ignore=patterns, backlog=backlog, exclude=exclude))
-        else:
-            source = Camera(camera, every=every, fps=fps)
-        watcher = Watcher(source, inspector, book, sinks=sinks, max_pixels=max_pixels)
-        if signals:
-            stop_signals.claim(watcher.stop)
-        log.info("Watching %s", folder if folder is not None else camera)
-        return watcher.run()

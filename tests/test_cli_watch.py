@@ -67,8 +67,8 @@ def test_watch_a_camera_to_the_end_of_its_video(watched):
     (["FOLDER", "--camera", "0"], "exactly one of them"),
     (["--camera", "0", "--sort"], "Drop --sort"),
     (["FOLDER", "--every", "3"], "do not apply to a folder"),
-    (["FOLDER", "--results", "FOLDER/verdicts.jsonl"], "--results FOLDER/verdicts.jsonl lies in the watched folder"),
-    (["FOLDER", "--ledger", "FOLDER/ledger.sqlite"], "--ledger FOLDER/ledger.sqlite lies in the watched folder"),
+    (["FOLDER", "--results", "FOLDER/verdicts.jsonl"], "--results: FOLDER/verdicts.jsonl lies in the watched folder"),
+    (["FOLDER", "--ledger", "FOLDER/ledger.sqlite"], "--ledger: FOLDER/ledger.sqlite lies in the watched folder"),
     (["FOLDER", "--heatmaps", "FOLDER"], "is the watched folder itself"),
     (["FOLDER/missing"], "does not exist"),
 ])
@@ -89,11 +89,11 @@ def test_watch_a_missing_video_file_fails_at_once(model_dir, tmp_path):  # noqa:
 
 
 def test_files_the_watcher_writes_may_sit_where_the_hot_folder_does_not_look(tmp_path):
-    from edge_inspect.sources import DEFAULT_IGNORE
-    from edge_inspect.watch import _refuse_inside
+    from edge_inspect import config
 
     for allowed in (tmp_path / ".verdicts.jsonl", tmp_path / "logs" / "verdicts.jsonl", tmp_path / "v.jsonl.tmp"):
-        _refuse_inside(tmp_path, allowed, "--results", DEFAULT_IGNORE)
+        config.validate({"sources": {"a": {"kind": "folder", "path": str(tmp_path), "model": "m",
+                                           "sinks": {"results": str(allowed)}}}})
 
 
 def test_results_counts_rate_and_last_parts(watched):

@@ -169,6 +169,8 @@ class HotFolder:
                      "wait %.3g s of stillness (settle_unsure)", self.folder, self.writers.fstype or "this platform",
                      self.settle_unsure)
         self._noted: set[tuple[Path, str]] = set()
+        #: ``time.monotonic()`` of the last check that the folder is there and watched: the source's idle check.
+        self.checked_at = time.monotonic()
         self.rescan = None if rescan is None else float(rescan)
         self.ignore = tuple(p.lower() for p in ignore)
         self._ignore_re = re.compile("|".join(fnmatch.translate(p) for p in self.ignore) or r"(?!)", re.DOTALL)
@@ -431,6 +433,7 @@ class HotFolder:
                         yield item
                 if message is None and not self._stopping.is_set():
                     self.check_identity()
+                    self.checked_at = time.monotonic()
                     if not self._watching():
                         raise SourceError(f"The watch on {self.folder} ended unexpectedly. Restart to watch again.")
         finally:
@@ -538,6 +541,7 @@ class HotFolder:
                     log.info("Hot folder %s readable again", self.folder)
                 failing = False
                 self.check_identity()
+                self.checked_at = time.monotonic()
                 now = time.monotonic()
                 seen = set()
                 ready = []
