@@ -139,7 +139,7 @@ class FolderSource(_Source):
     ignore: tuple[str, ...] = Field((), description="More file name patterns to ignore, besides hidden and "
                                                     "partial files.")
 
-    _durations = field_validator("poll", "settle", "settle_unsure", "rescan", mode="before")(seconds)
+    _folder_durations = field_validator("poll", "settle", "settle_unsure", "rescan", mode="before")(seconds)
 
     @model_validator(mode="after")
     def _settles(self) -> FolderSource:
@@ -370,6 +370,8 @@ def _describe(error: dict) -> str:
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":
         return f"At '{key}': unknown key. Check its spelling against `edge-inspect config schema`, or remove it."
+    if kind == "missing" and key == "sources":
+        return "At 'sources': no source. Add a [sources.NAME] table with kind = \"folder\" or \"camera\"."
     if kind == "missing":
         return f"At '{key}': missing. Set it."
     if kind == "union_tag_invalid" or kind == "union_tag_not_found":
@@ -453,7 +455,7 @@ def check(config: ServiceConfig) -> list[str]:
     from edge_inspect.errors import EdgeInspectError
 
     problems: list[str] = []
-    seen_models: dict[tuple[str, str | None], str | None] = {}
+    seen_models: dict[tuple[str, str | None], tuple] = {}
     for name, source in config.sources.items():
         at = f"sources.{name}"
         if isinstance(source, FolderSource):
@@ -472,14 +474,15 @@ def check(config: ServiceConfig) -> list[str]:
             try:
                 card = load_card(source.model)
                 read_verified(card, source.precision or card.default_precision)
-                seen_models[model] = None
-                if source.criterion is not None and source.criterion not in card.calibration["criteria"]:
-                    problems.append(f"At '{at}.criterion': {source.criterion!r} has no calibration in "
-                                    f"{source.model}; calibrated: {', '.join(card.calibration['criteria'])}.")
+                seen_models[model] = (card, None)
             except EdgeInspectError as exc:
-                seen_models[model] = str(exc)
-        if seen_models[model] is not None:
-            problems.append(f"At '{at}.model': {seen_models[model]}")
+                seen_models[model] = (None, str(exc))
+        card, problem = seen_models[model]
+        if problem is not None:
+            problems.append(f"At '{at}.model': {problem}")
+        elif source.criterion is not None and source.criterion not in card.calibration["criteria"]:
+            problems.append(f"At '{at}.criterion': {source.criterion!r} has no calibration in {source.model}; "
+                            f"calibrated: {', '.join(card.calibration['criteria'])}.")
     return problems
 
 

@@ -797,6 +797,14 @@ class Ledger:
         """Rows whose sinks have not all run, oldest first."""
         return [_row(v) for v in self._query(f"{self._select} WHERE sinks_pending != '' ORDER BY id")]
 
+    def backlog(self, now: float | None = None) -> tuple[int, float | None]:
+        """Rows whose sinks are pending, and the age in seconds of the oldest (None when there is none)."""
+        import time
+
+        count, oldest = self._query("SELECT count(*), min(committed_at) FROM parts WHERE sinks_pending != ''",
+                                    reader=True)[0]
+        return count, (None if oldest is None else (now if now is not None else time.time()) - oldest)
+
     def get(self, row_id: int) -> Record | None:
         """The row with this id, or None."""
         rows = self._query(f"{self._select} WHERE id = ?", (row_id,))
@@ -864,6 +872,96 @@ class Ledger:
                              "writable.") from exc
         return n
 
+
+    # -------------------------------------------------------------- retention
+
+    def pending_paths(self) -> set[str]:
+        """Every path a row with pending sinks names: its part's exact path, its sorted file, its overlay.
+
+        Read through this thread's reader connection, beside the writer. Used
+        by :class:`edge_inspect.retention.Janitor`: none of these may be
+        deleted while the row still needs them.
+
+        Raises:
+            LedgerDamagedError: the file is damaged.
+        """
+        paths: set[str] = set()
+        for kind, source, raw, sorted_path, heatmap in self._query(
+                "SELECT kind, source, source_raw, sorted_path, heatmap FROM parts WHERE sinks_pending != ''",
+                reader=True):
+            if kind == "file":
+                paths.add(os.fsdecode(raw) if raw is not None else source)
+            paths.update(p for p in (sorted_path, heatmap) if p)
+        return paths
+
+    def pending_stamps(self) -> set[tuple[int, int]]:
+        """``(size, mtime_ns)`` of every file row with pending sinks.
+
+        The sort sink moves a part by renaming it, so the file keeps both; a
+        file in a sort folder with one of these may be a pending part whose
+        move the ledger has not recorded yet (the sinks' columns are written
+        after every sink ran).
+
+        Raises:
+            LedgerDamagedError: the file is damaged.
+        """
+        return {(size, mtime_ns) for size, mtime_ns in self._query(
+            "SELECT size, mtime_ns FROM parts WHERE sinks_pending != '' AND kind = 'file' "
+            "AND size IS NOT NULL AND mtime_ns IS NOT NULL", reader=True)}
+
+    def pending_ids(self) -> set[int]:
+        """The ids of the rows with pending sinks.
+
+        Raises:
+            LedgerDamagedError: the file is damaged.
+        """
+        return {row_id for (row_id,) in self._query("SELECT id FROM parts WHERE sinks_pending != ''", reader=True)}
+
+    def old_rows(self, before: float, limit: int, after_id: int = 0) -> list[Record]:
+        """At most ``limit`` rows committed before ``before`` (Unix time) with no pending sink, by id after ``after_id``.
+
+        Walks the table by id (its primary key), from ``after_id`` up to the
+        id of the newest row committed before ``before`` (found through the
+        ``committed_at`` index), so a call reads no further than the old rows
+        and a caller can resume where the last call stopped.
+
+        Raises:
+            LedgerDamagedError: the file is damaged.
+        """
+        rows = self._query(f"{self._select} NOT INDEXED WHERE id > ? AND id <= coalesce((SELECT id FROM parts "
+                           "WHERE committed_at < ? ORDER BY committed_at DESC LIMIT 1), 0) AND committed_at < ? "
+                           "AND sinks_pending = '' ORDER BY id LIMIT ?", (after_id, before, before, limit), reader=True)
+        return [_row(v) for v in rows]
+
+    def drop(self, ids: Iterable[int]) -> int:
+        """Delete these rows, in one transaction; a row whose sinks are pending is kept whatever the caller asks.
+
+        The row with the highest id is kept too: SQLite gives a new row the
+        highest id plus one, and the sinks rely on ids never coming back (the
+        JSONL sink's replay, overlay and sorted names). A dropped part is new
+        to the ledger again: if its file comes back to the watched folder, it
+        is inspected again. (:func:`recover` cannot tell a dropped row from a
+        lost one: it lists dropped ids as lost.)
+
+        Returns:
+            How many rows were deleted.
+
+        Raises:
+            LedgerGoneError: the ledger file was deleted, renamed or replaced.
+            InputError: the ledger cannot be written.
+        """
+        wanted = [(row_id,) for row_id in sorted(set(ids))]
+        deleted = 0
+
+        def delete(conn):
+            nonlocal deleted
+            cursor = conn.executemany("DELETE FROM parts WHERE id = ? AND sinks_pending = '' "
+                                      "AND id < (SELECT max(id) FROM parts)", wanted)
+            deleted = cursor.rowcount
+
+        if wanted:
+            self._transaction(delete)
+        return deleted
 
 def _select_for(conn: sqlite3.Connection, version: int) -> str:
     """The SELECT of every :data:`COLUMNS`; from an older table, NULL for the columns it lacks."""
