@@ -22,6 +22,10 @@ same batch size:
 - **watch, burst**: then ``--burst`` files renamed in as fast as possible;
   drain time from the first rename to the last ``committed_at``, and the
   rate, compared with predict's.
+- **serve** (``--serve``): the same steady phase and burst through
+  ``edge-inspect serve`` with two sources (the measured folder and a second,
+  idle one, on the same model) and metrics on, scraped once a second; its
+  burst drain and steady p95 against watch's, side by side in one run.
 
 ``committed_at`` is taken just before the verdict's transaction; the
 commit's sync (``synchronous=FULL``) follows it, so the script also times
@@ -119,7 +123,7 @@ def commit_cost(folder: Path, rounds: int = 50) -> float:
 class Watcher:
     """``edge-inspect watch`` in a child process; READY heard on a notify socket drained on a thread."""
 
-    def __init__(self, folder: Path, model: Path, args: argparse.Namespace, log: Path, extra=()):
+    def __init__(self, folder: Path, model: Path, args: argparse.Namespace, log: Path, extra=(), serve=None):
         address = f"@bench-watch-{os.getpid()}-{time.monotonic_ns()}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind("\0" + address[1:])
@@ -127,6 +131,8 @@ class Watcher:
         threading.Thread(target=self._drain, daemon=True).start()
         command = [sys.executable, "-m", "edge_inspect.cli", "watch", str(folder), "--model", str(model),
                    "--batch-size", str(args.batch_size), "--device", args.device, "--settle", "0.2", *extra]
+        if serve is not None:
+            command = [sys.executable, "-m", "edge_inspect", "serve", "--config", str(serve)]
         with open(log, "w") as out:
             self.proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=out,
                                          env={**os.environ, "NOTIFY_SOCKET": address})
@@ -184,12 +190,40 @@ def wait_count(ledger: Path, n: int, timeout: float = 1800.0) -> dict[str, float
     raise SystemExit(f"only {len(committed(ledger))} of {n} verdicts after {timeout} s")
 
 
+def serve_config(work: Path, folder: Path, model: Path, args: argparse.Namespace) -> tuple[Path, int]:
+    """Two folder sources on one model (the measured one and an idle one), metrics on a free port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    idle = work / "idle"
+    idle.mkdir(exist_ok=True)
+    path = work / "serve.toml"
+    source = f'model = "{model}"\nbatch_size = {args.batch_size}\ndevice = "{args.device}"\nsettle = 0.2\n'
+    path.write_text(f'[http]\nport = {port}\n\n[sources.line]\nkind = "folder"\npath = "{folder}"\n{source}\n'
+                    f'[sources.idle]\nkind = "folder"\npath = "{idle}"\n{source}')
+    return path, port
+
+
+def scrape_every_second(port: int, stop: threading.Event) -> None:
+    import urllib.request
+
+    while not stop.wait(1.0):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        except OSError:
+            pass
+
+
 def run_watch(model, args, work: Path, steady: list[Path], burst: list[Path], inspector: Inspector,
-              images: list[np.ndarray], extra=(), label="") -> dict:
+              images: list[np.ndarray], extra=(), label="", serve: bool = False) -> dict:
     folder = work / f"in{label}"
     folder.mkdir()
     ledger = folder / ".edge-inspect" / "ledger.sqlite"
-    watcher = Watcher(folder, model, args, work / f"watch{label}.log", extra)
+    config, port = serve_config(work, folder, model, args) if serve else (None, None)
+    watcher = Watcher(folder, model, args, work / f"watch{label}.log", extra, serve=config)
+    scraping = threading.Event()
+    if serve:
+        threading.Thread(target=scrape_every_second, args=(port, scraping), daemon=True).start()
     closed: dict[str, float] = {}
     single: list[float] = []
     try:
@@ -214,6 +248,7 @@ def run_watch(model, args, work: Path, steady: list[Path], burst: list[Path], in
             closed[path.name] = time.time()
         rows = wait_count(ledger, len(steady) + len(burst))
     finally:
+        scraping.set()
         code = watcher.stop()
     steady_ms = [(rows[p.name] - closed[p.name]) * 1e3 for p in steady]
     drain = max(rows[p.name] for p in burst) - first
@@ -233,6 +268,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--with-sinks", action="store_true", help="also run the watcher with --sort and --results")
+    parser.add_argument("--serve", action="store_true", help="also run serve: two sources, metrics scraped")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-watch-"))
@@ -249,6 +285,7 @@ def main() -> None:
 
         sources = write_parts(work / "parts", 64, size=args.image_size, seed=0)
     runs = [("", ())] + ([("-sinks", ("--sort", "--results", str(work / "verdicts.jsonl")))] if args.with_sinks else [])
+    runs += [("-serve", ())] if args.serve else []
     staged = {label: (stage_files(sources, work / f"steady{label}", args.steady, "s"),
                       stage_files(sources, work / f"burst{label}", args.burst, "b")) for label, _ in runs}
 
@@ -260,8 +297,8 @@ def main() -> None:
     before = predict_rate(inspector, staged[""][1])
     cost = commit_cost(work)
     images = [read_image(p) for p in sources[:args.single]]
-    results = {label: run_watch(model, args, work, *staged[label], inspector, images, extra=extra, label=label)
-               for label, extra in runs}
+    results = {label: run_watch(model, args, work, *staged[label], inspector, images, extra=extra, label=label,
+                                serve=label == "-serve") for label, extra in runs}
     after = predict_rate(inspector, list((work / "in").glob("b*")))
     single_after = single_image(inspector, sources, args.single)
     predict = (before + after) / 2
@@ -276,7 +313,7 @@ def main() -> None:
     print(f"| predict, images/s (before / after) | {before:.1f} / {after:.1f} |")
     print(f"| one single-row ledger commit, ms (median) | {cost:.2f} |")
     for label, r in results.items():
-        name = "watch" + (" --sort --results" if label else "")
+        name = {"": "watch", "-sinks": "watch --sort --results", "-serve": "serve (2 sources, metrics)"}[label]
         w50, w95 = percentile(r["steady_ms"], 50), percentile(r["steady_ms"], 95)
         i50, i95 = percentile(r["single_ms"], 50), percentile(r["single_ms"], 95)
         print(f"| {name}: steady latency, ms p50 / p95 ({args.steady} files at {args.rate:g}/s) | "
@@ -293,6 +330,10 @@ def main() -> None:
         print(f"| {name}: exit code after SIGTERM | {r['exit']} |")
         print(f"| {name}: steady, median ms per stage | "
               + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items()) + " |")
+    if "-serve" in results:
+        w, v = results[""], results["-serve"]
+        print(f"| serve / watch: burst drain time (target <= 1.05) | **{v['drain_s'] / w['drain_s']:.3f}** |")
+        print(f"| serve / watch: steady p95 latency | **{percentile(v['steady_ms'], 95) / percentile(w['steady_ms'], 95):.3f}** |")
     print(f"\nwork folder (logs, ledgers): {work}")
 
 

@@ -220,7 +220,8 @@ class SourceRunner:
                     ignore=(*DEFAULT_IGNORE, *cfg.ignore), backlog=cfg.backlog or self.rescan_backlog,
                     recursive=cfg.recursive, exclude=exclude))
             else:
-                source = Camera(cfg.uri, every=cfg.every, fps=cfg.fps)
+                reconnected = (lambda: self.metrics.camera_reconnected(self.name)) if self.metrics is not None else None
+                source = Camera(cfg.uri, every=cfg.every, fps=cfg.fps, on_reconnect=reconnected)
             watcher = Watcher(source, self.inspector, self.ledger, sinks=sinks, readers=cfg.readers,
                               max_pixels=cfg.max_pixels, systemd=self.systemd,
                               observer=_Observer(self.metrics, self.name) if self.metrics is not None else None,

@@ -150,6 +150,8 @@ class Camera:
         retry: delays between attempts to (re)open a live source.
         max_failures: raise after this many consecutive failed attempts to
             open or read a live source; ``None``: retry for ever.
+        on_reconnect: called with no arguments each time a lost live stream
+            delivers frames again (a metric).
 
     Iterate a camera once; :meth:`stop` (thread- and signal-safe) ends the
     iteration within a fraction of a second.
@@ -163,7 +165,7 @@ class Camera:
     """
 
     def __init__(self, uri: str, *, every: int = 1, fps: float | None = None, retry: Backoff = Backoff(),
-                 max_failures: int | None = None):
+                 max_failures: int | None = None, on_reconnect=None):
         if not (isinstance(every, int) and every >= 1):
             raise ConfigError(f"Camera 'every' must be an integer of at least 1, got {every!r}.")
         if fps is not None and not fps > 0:
@@ -175,6 +177,8 @@ class Camera:
         self.fps = fps
         self.retry = retry
         self.max_failures = max_failures
+        #: Called (no arguments) each time a lost stream is opened again: a metric.
+        self.on_reconnect = on_reconnect
         self.kind = source_kind(self.uri)
         self.live = self.kind != "file"
         self._stopping = threading.Event()
@@ -316,6 +320,8 @@ class Camera:
                     self._stopping.wait(delay)
                     continue
                 timestamp = time.time()
+                if down_since is not None and self.on_reconnect is not None:
+                    self.on_reconnect()
                 if down_since is not None:
                     log.info("Camera %s: recovered after %.1f s and %d failed attempts (drop %d)", self.uri,
                              time.monotonic() - down_since, failures, drops)

@@ -123,7 +123,8 @@ def http_clip(video):
 def test_a_live_stream_that_drops_reconnects_logs_it_and_keeps_counting(http_clip, caplog):
     caplog.set_level(logging.INFO, logger="edge_inspect.sources.camera")
     server, url = http_clip
-    camera = Camera(url, retry=TINY)
+    reconnects = []
+    camera = Camera(url, retry=TINY, on_reconnect=lambda: reconnects.append(time.monotonic()))
     frames = []
     deadline = time.monotonic() + 60
     for frame in camera:
@@ -140,6 +141,8 @@ def test_a_live_stream_that_drops_reconnects_logs_it_and_keeps_counting(http_cli
     assert any("stream lost after frame 29 (drop 1)" in m for m in messages), messages
     assert any("recovered after" in m and "(drop 1)" in m for m in messages), messages
     assert any("(drop 2)" in m for m in messages), messages
+    recovered = sum("recovered after" in m for m in messages)
+    assert len(reconnects) == recovered >= 2, (reconnects, messages)
 
 
 def test_a_live_stream_gone_for_good_raises_after_max_failures(http_clip):

@@ -1,0 +1,256 @@
+"""`edge-inspect serve` as a real process: two sources, kill -9, reload, health and metrics, a full disk.
+
+The service is started with ``python -m edge_inspect serve --config FILE``,
+heard through a real sd_notify socket, scraped over real HTTP, and judged by
+its SQLite ledgers.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.runtime.conftest import model_dir, tiny_base  # noqa: F401  (shared fixtures)
+from tests.runtime.test_watch import WAIT_S, count, rows, wait_for
+from tests.runtime.test_watch_crash import NotifySocket, check_consistent, feed, staged
+from tests.support import write_parts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    """A 40-frame MJPG clip of casting-like parts."""
+    from edge_inspect.synthetic import make_part
+
+    path = tmp_path_factory.mktemp("video") / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 20, (64, 64))
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        gray = cv2.resize(make_part(rng, 32)[0], (64, 64))
+        writer.write(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    return path
+
+
+class Serve:
+    """`python -m edge_inspect serve --config FILE` with its own notify socket."""
+
+    def __init__(self, config: Path, log: Path, *, ready: bool = True):
+        self.notify = NotifySocket()
+        self.log = log
+        env = {**os.environ, "NOTIFY_SOCKET": self.notify.address, "COLUMNS": "200"}
+        with open(log, "a") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "edge_inspect", "serve", "--config", str(config)],
+                                         cwd=ROOT, env=env, stdout=out, stderr=out)
+        if ready:
+            try:
+                self.notify.wait_for("READY=1")
+            except AssertionError:
+                self.proc.kill()
+                raise AssertionError(f"serve never got ready: {log.read_text()[-3000:]}") from None
+
+    def finish(self, signum=signal.SIGTERM) -> int:
+        self.proc.send_signal(signum)
+        code = self.proc.wait(timeout=WAIT_S)
+        self.notify.close()
+        return code
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=WAIT_S)
+        self.notify.close()
+
+    def __del__(self):
+        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+
+def config_text(model: Path, folder: Path, *, port: int, camera: Path | None = None, threshold: float | None = None,
+                results: Path | None = None, extra: str = "", camera_extra: str = "") -> str:
+    text = f'[http]\nport = {port}\n\n[sources.line1]\nkind = "folder"\npath = "{folder}"\nmodel = "{model}"\n'
+    text += 'settle = 0.2\nbatch_size = 4\nsinks.sort = true\n'
+    if results is not None:
+        text += f'sinks.results = "{results}"\n'
+    if threshold is not None:
+        text += f"threshold = {threshold}\n"
+    text += extra
+    if camera is not None:
+        text += (f'\n[sources.cam]\nkind = "camera"\nuri = "{camera}"\nmodel = "{model}"\n'
+                 f'ledger = "{folder.parent / "cam.sqlite"}"\n{camera_extra}')
+    return text
+
+
+def scrape(port: int) -> dict[str, list]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def test_two_sources_in_one_process_keep_exactly_once_across_kill_9(model_dir, tmp_path, video):  # noqa: F811
+    folder, staging, names, results = staged(tmp_path, 120, seed=70)
+    config = tmp_path / "config.toml"
+    port = free_port()
+    config.write_text(config_text(model_dir, folder, port=port, camera=video, results=results))
+    ledger = folder / ".edge-inspect" / "ledger.sqlite"
+    cam_ledger = tmp_path / "cam.sqlite"
+
+    first = Serve(config, tmp_path / "first.log")
+    writer = feed(staging, folder)
+    wait_for(lambda: count(ledger) >= 20, what="20 verdicts")
+    first.kill()
+    writer.join(WAIT_S)
+    assert count(ledger) < len(names), "the burst was over before the kill"
+
+    second = Serve(config, tmp_path / "second.log")
+    wait_for(lambda: count(ledger) >= len(names), what="every file's verdict")
+    wait_for(lambda: not any(p.is_file() for p in folder.iterdir()), what="the sort")
+    wait_for(lambda: count(cam_ledger) >= 40, what="the second run's 40 frames")
+    metrics = scrape(port)
+    assert second.finish() == 0, (tmp_path / "second.log").read_text()[-3000:]
+    check_consistent(folder, names, results, sort=True)
+    frames = rows(cam_ledger)
+    assert len({r["identity"] for r in frames}) == len(frames), "a frame with two verdicts"
+    second_run = [r for r in frames if r["frame_index"] is not None]
+    assert collections.Counter(r["frame_index"] for r in second_run).most_common(1)[0][1] <= 2  # one per run at most
+    for path in (ledger, cam_ledger):
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # Both sources share one loaded model: the log says so once per source, the model info carries one sha.
+    info = metrics["edge_inspect_model_info"]
+    assert {s.labels["source"] for s in info} == {"line1", "cam"}
+    assert len({s.labels["sha256"] for s in info}) == 1
+
+
+def test_health_and_metrics_match_the_ledger_and_a_stopped_camera_turns_503(model_dir, tmp_path, video):  # noqa: F811
+    folder = tmp_path / "in"
+    folder.mkdir()
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(config_text(model_dir, folder, port=port, camera=video, camera_extra="stale_after = 3\n"))
+    serve = Serve(config, tmp_path / "serve.log")
+    try:
+        write_parts(tmp_path / "staging", 12, size=32, seed=71)
+        for path in sorted((tmp_path / "staging").iterdir()):
+            os.replace(path, folder / path.name)
+        ledger = folder / ".edge-inspect" / "ledger.sqlite"
+        wait_for(lambda: count(ledger) == 12, what="12 verdicts")
+        wait_for(lambda: count(tmp_path / "cam.sqlite") == 40, what="the clip's 40 frames")
+        time.sleep(1.5)  # the last commit's metrics
+        metrics = scrape(port)
+        by_verdict = collections.Counter((r["verdict"]) for r in rows(ledger))
+        parts = {(s.labels["source"], s.labels["verdict"]): s.value for s in metrics["edge_inspect_parts"]
+                 if s.name == "edge_inspect_parts_total"}
+        for verdict, n in by_verdict.items():
+            assert parts[("line1", verdict)] == n
+        assert sum(v for (source, _), v in parts.items() if source == "cam") == 40
+        # The clip has ended: the camera delivers nothing more, and after stale_after health says so.
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 503,
+                 timeout=30, what="503 from /healthz")
+        body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()
+        assert body["sources"]["line1"]["healthy"] is True
+        assert body["sources"]["cam"]["healthy"] is False and "no frame" in body["sources"]["cam"]["reason"]
+    finally:
+        assert serve.finish() == 0
+
+
+def test_sighup_reload_swaps_the_threshold_during_a_burst_and_a_broken_file_keeps_the_old(model_dir,  # noqa: F811
+                                                                                          tmp_path):
+    folder, staging, names, results = staged(tmp_path, 150, seed=72)
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(config_text(model_dir, folder, port=port, threshold=0.25, results=results))
+    ledger = folder / ".edge-inspect" / "ledger.sqlite"
+    serve = Serve(config, tmp_path / "serve.log")
+    try:
+        writer = feed(staging, folder, pause=0.02)
+        wait_for(lambda: count(ledger) >= 20, what="20 verdicts")
+        config.write_text(config_text(model_dir, folder, port=port, threshold=0.75, results=results))
+        serve.proc.send_signal(signal.SIGHUP)
+        writer.join(WAIT_S)
+        wait_for(lambda: count(ledger) >= len(names), what="every file's verdict")
+        wait_for(lambda: "Reload done" in (tmp_path / "serve.log").read_text(), what="the reload")
+        # A broken file: the reload fails, the old configuration goes on.
+        config.write_text("[sources.line1\n")
+        serve.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "Reload failed" in (tmp_path / "serve.log").read_text(), what="the failed reload")
+        body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()
+        assert "not valid TOML" in body["reload"]["error"]
+        late = [f"late-{path.name}" for path in write_parts(tmp_path / "late", 3, size=32, seed=73)]
+        for name in late:
+            os.replace(tmp_path / "late" / name.removeprefix("late-"), folder / name)
+        wait_for(lambda: count(ledger) == len(names) + 3, what="the parts after the failed reload")
+    finally:
+        assert serve.finish() == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    got = check_consistent(folder, names + late, results, sort=True)
+    thresholds = [r["threshold"] for r in got]
+    swap = thresholds.index(0.75)
+    assert set(thresholds[:swap]) == {0.25} and set(thresholds[swap:]) == {0.75}, "the old threshold after the swap"
+    assert 0 < swap < len(names), "the reload did not land during the burst"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_pauses_sorting_keeps_every_verdict_and_sorting_resumes(model_dir, tmp_path,  # noqa: F811
+                                                                            small_disk):
+    folder = small_disk / "in"
+    folder.mkdir()
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(config_text(model_dir, folder, port=port,
+                                  extra=f'sinks.heatmaps = "{small_disk / "maps"}"\n')
+                      + '\n[disk]\nmin_free = "6MB"\n')
+    ledger = folder / ".edge-inspect" / "ledger.sqlite"
+    serve = Serve(config, tmp_path / "serve.log")
+    try:
+        staging = small_disk / "staging"  # the same file system: parts arrive by rename
+        write_parts(staging, 30, size=32, seed=74)
+        for path in write_parts(small_disk / "defects", 10, size=32, seed=75, defective=True):
+            os.replace(path, staging / f"d-{path.name}")
+        names = sorted(p.name for p in staging.iterdir())
+        ballast = small_disk / "ballast"
+        ballast.write_bytes(b"\0" * (11 * 2**20))  # about 4 MB left: below min_free
+        for name in names:
+            os.replace(staging / name, folder / name)
+        wait_for(lambda: count(ledger) == len(names), what="every verdict, though the disk is low")
+        time.sleep(2)
+        assert any(p.is_file() for p in folder.iterdir()), "sorting went on below disk.min_free"
+        body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()
+        assert body["sources"]["line1"]["sinks_paused"] is True
+        ballast.unlink()
+        wait_for(lambda: not any(p.is_file() for p in folder.iterdir()), timeout=90, what="sorting resumed")
+        wait_for(lambda: all(not r["sinks_pending"] for r in rows(ledger)), timeout=90, what="every sink done")
+    finally:
+        assert serve.finish() == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    check_consistent(folder, names, None, sort=True)
+    with sqlite3.connect(ledger) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    log = (tmp_path / "serve.log").read_text()
+    assert log.count("Sink sort failed") == 1 and "low disk" in log and log.count("Sink sort works again") == 1
