@@ -854,6 +854,7 @@ def config_check(
 @handle_errors
 def config_show(
     file: Annotated[Optional[Path], typer.Argument(help="The configuration file (default: $EDGE_INSPECT_CONFIG).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per key: key, value, from.")] = False,
 ) -> None:
     """Print the effective configuration, each value with where it came from (default, file, environment); secrets masked.
 
@@ -867,10 +868,17 @@ def config_show(
 
     file = file or (Path(os.environ["EDGE_INSPECT_CONFIG"]) if os.environ.get("EDGE_INSPECT_CONFIG") else None)
     loaded = configuration.load_with_origins(file)
+    if as_json:
+        import json
+
+        for key, value, origin in configuration.effective(loaded):
+            sys.stdout.write(json.dumps({"key": key, "value": json.loads(value) if value != "****" else value,
+                                         "from": origin}) + "\n")
+        return
     table = Table(title=f"Effective configuration{f' of {file}' if file else ''}")
-    table.add_column("key", no_wrap=True)
-    table.add_column("value")
-    table.add_column("from")
+    table.add_column("key", overflow="fold")
+    table.add_column("value", overflow="fold")
+    table.add_column("from", overflow="fold")
     for key, value, origin in configuration.effective(loaded):
         table.add_row(escape(key), escape(value), escape(origin))
     console.print(table)

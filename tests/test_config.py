@@ -165,12 +165,14 @@ def test_config_check_exits_0_or_2(tmp_path, folders, model_dir):  # noqa: F811
 def test_config_show_tells_where_each_value_came_from(tmp_path, folders, monkeypatch):
     path = write(tmp_path / "c.toml", minimal(folders["in"]) + "settle = 2\n")
     monkeypatch.setenv("EDGE_INSPECT_HTTP__PORT", "9200")
-    result = runner.invoke(app, ["config", "show", str(path)], env={"COLUMNS": "250"})
+    result = runner.invoke(app, ["config", "show", str(path), "--json"])
     assert result.exit_code == 0, result.stderr
-    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") >= 4}
-    assert "file" in lines["sources.line2.settle"] and "2.0" in lines["sources.line2.settle"]
-    assert "EDGE_INSPECT_HTTP__PORT" in lines["http.port"] and "9200" in lines["http.port"]
-    assert "default" in lines["sources.line2.readers"]
+    rows = {row["key"]: row for row in map(json.loads, result.stdout.splitlines())}
+    assert rows["sources.line2.settle"] == {"key": "sources.line2.settle", "value": 2.0, "from": f"file {path}"}
+    assert rows["http.port"]["value"] == 9200 and rows["http.port"]["from"] == "environment EDGE_INSPECT_HTTP__PORT"
+    assert rows["sources.line2.readers"]["from"] == "default"
+    table = runner.invoke(app, ["config", "show", str(path)])
+    assert table.exit_code == 0 and "sources.line2.settle" in table.stdout
 
 
 def test_config_schema_describes_every_key(tmp_path):

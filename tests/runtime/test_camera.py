@@ -149,7 +149,8 @@ def test_a_live_stream_gone_for_good_raises_after_max_failures(http_clip):
     server, url = http_clip
     camera = Camera(url, retry=TINY, max_failures=3)
     iterator = iter(camera)
-    assert next(iterator).index == 0
+    # A frame arrives (the newest one wins when the consumer lags: not always frame 0), then the server goes.
+    assert next(iterator).index >= 0
     server.shutdown()
     server.server_close()
     with pytest.raises(SourceError, match="attempts in a row failed"):
