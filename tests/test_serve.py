@@ -254,3 +254,50 @@ def test_a_full_disk_pauses_sorting_keeps_every_verdict_and_sorting_resumes(mode
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     log = (tmp_path / "serve.log").read_text()
     assert log.count("Sink sort failed") == 1 and "low disk" in log and log.count("Sink sort works again") == 1
+
+
+def test_sources_naming_one_model_share_one_session(model_dir, tmp_path):  # noqa: F811
+    from edge_inspect import config
+    from edge_inspect.service import Models
+
+    loaded = config.validate({"sources": {
+        "a": {"kind": "folder", "path": str(tmp_path / "a"), "model": str(model_dir), "threshold": 0.3},
+        "b": {"kind": "folder", "path": str(tmp_path / "b"), "model": str(model_dir), "batch_size": 2},
+        "c": {"kind": "folder", "path": str(tmp_path / "c"), "model": str(model_dir), "precision": "int8"}}})
+    models = Models()
+    a, b, c = (models.inspector(name, source) for name, source in loaded.sources.items())
+    assert a.session is b.session and c.session is not a.session
+    assert a.entry["threshold"] == 0.3 and b.entry["threshold"] != 0.3 and b.batch_size == 2
+
+
+def test_a_failing_source_is_retried_while_the_other_inspects_on(model_dir, tmp_path):  # noqa: F811
+    folder, other = tmp_path / "in", tmp_path / "other"
+    folder.mkdir()
+    other.mkdir()
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(config_text(model_dir, folder, port=port)
+                      + f'\n[sources.line2]\nkind = "folder"\npath = "{other}"\nmodel = "{model_dir}"\n'
+                      + f'ledger = "{tmp_path / "line2.sqlite"}"\nsettle = 0.2\n')
+    serve = Serve(config, tmp_path / "serve.log")
+    try:
+        other.rename(tmp_path / "other-away")  # its watch ends: line2 fails
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 503, timeout=30,
+                 what="503 naming line2")
+        body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()
+        assert set(body["unhealthy"]) == {"line2"} and "removed or renamed" in body["unhealthy"]["line2"]
+        write_parts(tmp_path / "staging", 5, size=32, seed=76)
+        for path in sorted((tmp_path / "staging").iterdir()):
+            os.replace(path, folder / path.name)
+        wait_for(lambda: count(folder / ".edge-inspect" / "ledger.sqlite") == 5, what="line1 inspecting on")
+        (tmp_path / "other-away").rename(other)
+        write_parts(other, 2, size=32, seed=77)
+        wait_for(lambda: count(tmp_path / "line2.sqlite") == 2, timeout=90, what="line2 back after its retry")
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200, timeout=30,
+                 what="200 again")
+        failures = [s for s in scrape(port)["edge_inspect_source_failures"]
+                    if s.name == "edge_inspect_source_failures_total" and s.labels["source"] == "line2"]
+        assert failures and failures[0].value >= 1
+    finally:
+        assert serve.finish() == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert "Source line2 failed" in (tmp_path / "serve.log").read_text()
