@@ -648,10 +648,15 @@ def serve(
             raise ConfigError("serve needs a configuration file: --config FILE, or EDGE_INSPECT_CONFIG=FILE. Start "
                               "from deploy/config.example.toml.")
         config = Path(os.environ["EDGE_INSPECT_CONFIG"])
-    loaded = configuration.load(config)
-    problems = configuration.check(loaded)
-    if problems:
-        raise ConfigError(f"{config} cannot start:\n" + "\n".join(problems))
+    try:
+        loaded = configuration.load(config)
+        problems = configuration.check(loaded)
+        if problems:
+            raise ConfigError(f"{config} cannot start:\n" + "\n".join(problems))
+    except ConfigError as exc:
+        # Exit 2: a wrong configuration does not heal by itself; the unit does not restart on it.
+        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     summaries = Service(loaded, config_path=config).run()
     for name, summary in summaries.items():
         err_console.print(f"{name}: {summary.ok} ok, {summary.ng} ng, {summary.error} error; {summary.duplicates} "

@@ -309,10 +309,13 @@ def load_with_origins(path: str | os.PathLike | None = None, *, environ: Mapping
     for name, value in sorted((environ if environ is not None else os.environ).items()):
         if not name.upper().startswith(ENV_PREFIX) or name.upper() == ENV_PREFIX + "CONFIG":
             continue
-        key = ".".join(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
-        if key.startswith("sources."):  # source names keep their case
-            key = ".".join(["sources", *name[len(ENV_PREFIX):].split("__")[1:2],
-                            *(p.lower() for p in name[len(ENV_PREFIX):].split("__")[2:])])
+        parts = name[len(ENV_PREFIX):].split("__")
+        key = ".".join(part.lower() for part in parts)
+        if key.startswith("sources.") and len(parts) > 1:
+            # Variables are upper case by custom: SOURCES__LINE2__ names the source line2 of the file if it has one.
+            known = {existing.lower(): existing for existing in data.get("sources", {})}
+            source = known.get(parts[1].lower(), parts[1])
+            key = ".".join(["sources", source, *(p.lower() for p in parts[2:])])
         _set(data, key, _env_value(value))
         origins[key] = f"environment {name}"
     for key, value in (overrides or {}).items():

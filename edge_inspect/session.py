@@ -28,6 +28,11 @@ from edge_inspect.errors import ConfigError, ModelCardError
 
 log = logging.getLogger(__name__)
 
+# A line PC's service user has no writable home: ONNX Runtime's telemetry would log a warning at every
+# start that it cannot persist its device id; it sends nothing the line needs.
+if hasattr(ort, "disable_telemetry_events"):
+    ort.disable_telemetry_events()
+
 DEVICES = ("auto", "cpu", "cuda")
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

@@ -199,3 +199,18 @@ def test_watch_flags_are_named_in_errors_not_keys(tmp_path, folders, model_dir):
     assert result.exit_code == 1
     assert "--settle-unsure: must be at least settle" in result.stderr, result.stderr
     assert "sources.watch" not in result.stderr
+
+
+def test_environment_names_a_source_of_the_file_in_upper_case(tmp_path, folders):
+    path = write(tmp_path / "c.toml", minimal(folders["in"]))
+    loaded = config.load(path, environ={"EDGE_INSPECT_SOURCES__LINE2__SETTLE": "7"})
+    assert set(loaded.sources) == {"line2"} and loaded.sources["line2"].settle == 7
+
+
+def test_serve_refuses_a_configuration_that_cannot_start_with_exit_2(tmp_path, folders):
+    """Exit 2 is what the unit's RestartPreventExitStatus= names: no restart loop on a wrong file."""
+    path = write(tmp_path / "c.toml", minimal(tmp_path / "nowhere"))
+    result = runner.invoke(app, ["serve", "--config", str(path)])
+    assert result.exit_code == 2 and "At 'sources.line2.path'" in result.stderr, result.stderr
+    unit = (Path(__file__).resolve().parents[1] / "deploy" / "edge-inspect.service").read_text()
+    assert "RestartPreventExitStatus=2" in unit

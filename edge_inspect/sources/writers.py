@@ -144,6 +144,9 @@ class WriteCheck:
             pids = [name for name in os.listdir("/proc") if name.isdigit()]
         except OSError:
             return None
+        if "1" not in pids:
+            # /proc mounted with hidepid or ProtectProc=invisible: other users' processes are absent, not idle.
+            complete = False
         for pid in pids:
             folder = f"/proc/{pid}/fd"
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -20,7 +21,6 @@ from edge_inspect import notify
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "edge-inspect.service"
-ENV = ROOT / "deploy" / "edge-inspect.env"
 INSTALL = ROOT / "deploy" / "install.sh"
 
 
@@ -159,67 +159,77 @@ def test_the_unit_is_a_notify_service_with_a_watchdog_a_user_and_hardening():
     service = _settings(unit["Service"])
     expected = {
         "Type": "notify", "User": "edge-inspect", "Group": "edge-inspect", "Restart": "on-failure",
-        "KillSignal": "SIGTERM", "EnvironmentFile": "/etc/edge-inspect/edge-inspect.env",
-        "ProtectSystem": "strict", "ReadWritePaths": "/srv/edge-inspect", "ProtectHome": "yes",
-        "NoNewPrivileges": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
+        "KillSignal": "SIGTERM", "ExecReload": "/bin/kill -HUP $MAINPID",
+        "ProtectSystem": "strict", "ReadWritePaths": "/srv/edge-inspect", "WorkingDirectory": "/srv/edge-inspect",
+        "ProtectHome": "yes", "NoNewPrivileges": "yes", "PrivateTmp": "yes",
+        "PrivateDevices": "yes", "DevicePolicy": "closed",
         # One capability: leases on the camera user's files tell a paused writer from a finished file.
         "CapabilityBoundingSet": "CAP_LEASE", "AmbientCapabilities": "CAP_LEASE",
+        # Other users' processes listed but closed: the /proc fallback of the writer check then knows it
+        # cannot see them all; =invisible would make it take a file still being written for finished.
+        "ProtectProc": "noaccess",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6", "SystemCallArchitectures": "native",
     }
     assert {k: service.get(k) for k in expected} == expected
     for key in ("WatchdogSec", "TimeoutStopSec", "TimeoutStartSec"):
         assert re.fullmatch(r"\d+", service[key]) and int(service[key]) > 0, key
     assert "MemoryDenyWriteExecute" not in service  # Numba's JIT needs writable-then-executable memory
+    assert "PrivateUsers" not in service  # CAP_LEASE inside a user namespace does not reach other users' files
+    assert "EnvironmentFile" not in service  # one configuration file; EDGE_INSPECT_... overrides in a drop-in
     assert _settings(unit["Install"]) == {"WantedBy": "multi-user.target"}
     environment = dict(value.split("=", 1) for key, value in unit["Service"] if key == "Environment")
     assert environment["NUMBA_CACHE_DIR"].startswith("/var/cache/" + service["CacheDirectory"])
+    filters = [value for key, value in unit["Service"] if key == "SystemCallFilter"]
+    assert filters == ["@system-service", "~@privileged @resources"]
 
 
-def test_exec_start_runs_an_existing_command_with_existing_options():
+def test_exec_start_serves_the_configuration_that_install_sh_installs():
     from typer.testing import CliRunner
 
     from edge_inspect.cli import app
 
     service = _settings(_parse_unit(UNIT.read_text())["Service"])
     argv = shlex.split(service["ExecStart"])
-    assert argv[0] == "/opt/edge-inspect/bin/edge-inspect" and argv[1] == "watch"
-    settings = dict(line.split("=", 1) for line in ENV.read_text().splitlines() if line and not line.startswith("#"))
-    assert {"WATCH_DIR", "MODEL_DIR", "WATCH_OPTIONS"} <= set(settings)
-    # Environment the way systemd expands it: ${X} one word, $X split at spaces.
-    expanded = []
-    for word in argv[1:]:
-        if match := re.fullmatch(r"\$\{(\w+)\}", word):
-            expanded.append(settings[match[1]])
-        elif match := re.fullmatch(r"\$(\w+)", word):
-            expanded += settings[match[1]].split()
-        else:
-            expanded.append(word)
-    help_text = CliRunner().invoke(app, [expanded[0], "--help"], terminal_width=200)
+    assert argv == ["/opt/edge-inspect/bin/edge-inspect", "serve", "--config", "/etc/edge-inspect/config.toml"]
+    help_text = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200)
     assert help_text.exit_code == 0, help_text.output
-    options = [w for w in expanded if w.startswith("--")]
-    assert "--model" in options and len(options) >= 2
-    for option in options:
-        assert option in help_text.output, f"{option} is not an option of edge-inspect {expanded[0]}"
-    assert Path(settings["WATCH_DIR"]).is_relative_to(service["ReadWritePaths"])
-    assert not Path(settings["MODEL_DIR"]).is_relative_to("/home")
+    assert "--config" in help_text.output and "SIGHUP" in help_text.output
+    script = INSTALL.read_text()
+    assert 'etc="$root/etc/edge-inspect"' in script and 'config="$etc/config.toml"' in script
+    assert '"$here/deploy/config.example.toml" "$config"' in script
+    assert not (ROOT / "deploy" / "edge-inspect.env").exists()  # retired: the service reads config.toml only
 
 
 def test_install_script_renders_the_unit_for_its_prefix_and_keeps_its_options():
     assert subprocess.run(["bash", "-n", str(INSTALL)]).returncode == 0
     usage = subprocess.run(["bash", str(INSTALL), "--help"], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 0
-    for option in ("--gpu", "--train", "--service", "--print-unit"):
+    for option in ("--gpu", "--train", "--service", "--print-unit", "--no-venv", "--uninstall", "--purge", "--root"):
         assert option in usage.stdout
     wrong = subprocess.run(["bash", str(INSTALL), "--nope"], capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "unknown option '--nope'" in wrong.stderr
+    for mixed in (["--uninstall", "--gpu"], ["--purge"], ["--no-venv"], ["--root"]):
+        refused = subprocess.run(["bash", str(INSTALL), *mixed], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and refused.stderr.startswith("Error: "), (mixed, refused.stderr)
     rendered = subprocess.run(["bash", str(INSTALL), "--print-unit"], env={**os.environ, "PREFIX": "/srv/x y"},
                               capture_output=True, text=True, timeout=60)
     assert rendered.returncode == 0
     assert rendered.stdout == UNIT.read_text().replace("/opt/edge-inspect/bin/", "/srv/x y/bin/")
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_systemd_analyze_verifies_the_unit_without_a_warning(tmp_path):
-    """The unit as install.sh writes it, ExecStart pointing at this checkout's installed command."""
+def _analyze(*args: str) -> subprocess.CompletedProcess:
+    """systemd-analyze (scripts/test.sh installs it where it is missing)."""
+    assert shutil.which("systemd-analyze"), "systemd-analyze is missing: apt-get install systemd (scripts/test.sh does)"
+    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_systemd_analyze_verifies_the_unit_and_its_gpu_drop_in_without_a_warning(tmp_path):
+    """The unit as install.sh writes it, ExecStart pointing at this checkout's installed command.
+
+    verify reads the drop-ins beside the unit file: the one ``install.sh --gpu --service`` writes is
+    taken from a run of the script into a scratch root (its configuration check fails there, after the
+    unit and the drop-in are written).
+    """
     command = Path(sys.executable).parent / "edge-inspect"
     assert command.exists(), "the package's console script is not installed beside this Python"
     prefix = str(command.parent.parent)
@@ -227,10 +237,83 @@ def test_systemd_analyze_verifies_the_unit_without_a_warning(tmp_path):
                               capture_output=True, text=True, timeout=60)
     unit = tmp_path / "edge-inspect.service"
     unit.write_text(rendered.stdout)
-    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=120)
+    root = tmp_path / "root"
+    (root / "opt/edge-inspect/bin").mkdir(parents=True)
+    (root / "opt/edge-inspect/bin/edge-inspect").symlink_to(command)
+    subprocess.run(["bash", str(INSTALL), "--service", "--no-venv", "--gpu", "--root", str(root)],
+                   capture_output=True, text=True, timeout=120)
+    gpu = root / "etc/systemd/system/edge-inspect.service.d/gpu.conf"
+    assert "DeviceAllow=char-nvidia* rw" in gpu.read_text()
+    (tmp_path / "edge-inspect.service.d").mkdir()
+    shutil.copy(gpu, tmp_path / "edge-inspect.service.d" / "gpu.conf")
+    proc = _analyze("verify", "--man=no", str(unit))
     report = (proc.stdout + proc.stderr).strip()
     assert proc.returncode == 0, report
     assert [line for line in report.splitlines() if "edge-inspect.service" in line] == []
+    broken = tmp_path / "edge-inspect.service.d" / "typo.conf"
+    broken.write_text("[Service]\nProtectSytem=strict\n")  # proof that verify would tell
+    typo = _analyze("verify", "--man=no", str(unit))
+    assert "Unknown key 'ProtectSytem'" in typo.stdout + typo.stderr
+
+
+def test_systemd_analyze_security_rates_the_unit_at_most_1_5_and_each_exposure_is_explained():
+    """``systemd-analyze security --offline=yes`` (1.8 before the hardening of serve; the header says the figure).
+
+    Every check still failed is named in the unit's "Left exposed on purpose" block, one line each,
+    with the reason it stays; a line for a check that no longer fails is stale and fails this test too.
+    """
+    text = UNIT.read_text()
+    proc = _analyze("security", "--offline=yes", str(UNIT))
+    match = re.search(r"Overall exposure level for edge-inspect\.service: (\d+\.\d+)", proc.stdout)
+    assert proc.returncode == 0 and match, proc.stdout + proc.stderr
+    assert float(match[1]) <= 1.5, proc.stdout
+    assert re.search(rf"systemd-analyze security edge-inspect +# {re.escape(match[1])}:", text), \
+        f"the unit's header should say {match[1]}"
+    items = json.loads(_analyze("security", "--offline=yes", "--json=short", str(UNIT)).stdout)
+    exposed = {item["name"] for item in items if item["exposure"] not in (None, "0.0")}
+    block = text[text.index("# --- Left exposed on purpose"):text.index("[Install]")]
+    explained = re.findall(r"^# (\S+): \S", block, re.MULTILINE)
+    assert len(explained) == len(set(explained)), "one line per exposure"
+    assert sorted(exposed) == sorted(explained)
+
+
+#: System calls of ``serve`` seen under strace: a hot folder of another user's files (leases), inotify,
+#: sorting, results, heatmaps, /metrics and /healthz, a reload and a SIGTERM; run once as a non-root user
+#: with ambient CAP_LEASE under libseccomp with the unit's filter, which refused only mbind (OpenBLAS
+#: asks for a NUMA policy, gets EPERM and carries on). ``kill`` is ExecReload's /bin/kill.
+SERVE_SYSCALLS = """
+    accept4 access arch_prctl bind brk chmod clock_nanosleep clone3 close connect epoll_create1 eventfd2 execve exit
+    exit_group fcntl fdatasync fstat fsync ftruncate futex getcwd getdents64 getegid geteuid getgid getpid getppid
+    getrandom getsockname gettid getuid inotify_add_watch inotify_init inotify_init1 inotify_rm_watch ioctl kill
+    link listen lseek lstat madvise mkdir mmap mprotect munmap newfstatat openat pipe2 poll pread64 prlimit64
+    pwrite64 read readlink recvfrom rename renameat2 rseq rt_sigaction rt_sigprocmask rt_sigreturn sched_getaffinity
+    sched_yield sendmsg sendto set_robust_list set_tid_address setsockopt shutdown socket stat statfs statx sysinfo
+    uname unlink write
+""".split()
+
+
+def test_the_system_call_filter_allows_what_serve_uses():
+    def expand(names: str) -> set[str]:
+        out = set()
+        for name in names.split():
+            if not name.startswith("@"):
+                out.add(name)
+                continue
+            listing = _analyze("syscall-filter", "--no-pager", name).stdout.splitlines()[1:]
+            for line in (line.strip() for line in listing):
+                if line and not line.startswith("#"):
+                    out |= expand(line)
+        return out
+
+    service = _parse_unit(UNIT.read_text())["Service"]
+    allowed: set[str] = set()
+    for value in (value for key, value in service if key == "SystemCallFilter"):
+        if value.startswith("~"):
+            allowed -= expand(value[1:])
+        else:
+            allowed |= expand(value)
+    assert "mbind" not in allowed and "setuid" not in allowed and "sched_setaffinity" not in allowed
+    assert sorted(set(SERVE_SYSCALLS) - allowed) == []
 
 
 def test_a_listener_that_stops_reading_never_blocks_the_sender(tmp_path, monkeypatch):
