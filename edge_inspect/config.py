@@ -48,7 +48,7 @@ ENV_PREFIX = "EDGE_INSPECT_"
 #: Names a source may have: they appear in metric labels, file names and key paths.
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 #: Key names whose values are never printed.
-SECRET = re.compile(r"password|secret|token|key_file|private", re.IGNORECASE)
+SECRET = re.compile(r"password|secret|token|key_file|private|authorization|api[-_]?key", re.IGNORECASE)
 #: The ledger of a camera source when none is given: in the working directory.
 CAMERA_LEDGER = "edge-inspect-ledger.sqlite"
 
@@ -177,6 +177,95 @@ class CameraSource(_Source):
 Source = Annotated[FolderSource | CameraSource, Field(discriminator="kind")]
 
 
+# ------------------------------------------------------------------ the plant
+
+
+class _Output(_Section):
+    """What every network sink shares: which sources, timeouts, backlog caps."""
+
+    sources: tuple[str, ...] = Field((), description="Names of the sources whose verdicts go out here; empty: all.")
+    timeout: float = Field(10.0, gt=0, description="Seconds to wait for the receiver's acknowledgement.")
+    batch: int = Field(100, ge=1, le=10_000, description="Verdicts handed over at once at most (a backlog drains "
+                                                          "in batches).")
+    max_backlog_age: float | None = Field(3600.0, gt=0, description="Alarm (log, health 503, metric) when the oldest "
+                                                                    "undelivered verdict is older; nothing is dropped.")
+    max_backlog_rows: int | None = Field(100_000, ge=1, description="Alarm when more verdicts than this wait; nothing "
+                                                                    "is dropped.")
+    start_at: Literal["end", "start"] = Field("end", description="A sink new to a ledger: 'end' sends the verdicts "
+                                                                 "from now on, 'start' every verdict the ledger holds.")
+
+    _output_durations = field_validator("timeout", "max_backlog_age", mode="before")(seconds)
+
+
+class Tls(_Section):
+    """TLS to a receiver: the CA that signed its certificate, and a client certificate when it asks for one."""
+
+    ca: Path | None = Field(None, description="PEM file of the CA certificates to trust (default: the system's).")
+    cert: Path | None = Field(None, description="PEM file of this client's certificate.")
+    key_file: Path | None = Field(None, description="PEM file of this client's private key.")
+
+
+class Mqtt(_Output):
+    """One MQTT message per verdict (paho-mqtt, QoS 1, a persistent session)."""
+
+    host: str = Field(min_length=1, description="The broker's host name or address.")
+    port: int | None = Field(None, ge=1, le=65535, description="The broker's port (default: 1883, or 8883 with tls).")
+    topic: str = Field("edge-inspect/{installation}/{source}/verdict", description="Topic of each verdict; "
+                       "{installation} and {source} are replaced.")
+    status_topic: str = Field("edge-inspect/{installation}/{source}/status", description="Retained 'online' / "
+                              "'offline' status, with 'offline' as the last will.")
+    client_id: str = Field("edge-inspect-{installation}-{source}", description="Fixed client id (the broker keeps "
+                           "the session across reconnects).")
+    keepalive: int = Field(30, ge=5, le=3600, description="Seconds between keep-alive pings.")
+    username: str | None = Field(None, description="User name, when the broker asks for one.")
+    password_env: str | None = Field(None, description="Name of the environment variable holding the password.")
+    password_file: Path | None = Field(None, description="File holding the password (its first line).")
+    tls: Tls | None = Field(None, description="Connect with TLS.")
+
+
+class OpcUaNodes(_Section):
+    """Node ids of the PLC's server that receive the latest verdict; sequence is written last."""
+
+    verdict: str = Field(description="String node: 'ok', 'ng' or 'error'.")
+    score: str | None = Field(None, description="Double node: the score (NaN for an error).")
+    part_id: str | None = Field(None, description="String node: the message id of the verdict.")
+    sequence: str = Field(description="UInt64 node, written last: the verdict's sequence number (its ledger row); "
+                                      "a change means a new, complete record.")
+
+
+class OpcUa(_Output):
+    """The latest verdict written to nodes of an OPC UA server (asyncua), for a PLC to act on."""
+
+    endpoint: str = Field(min_length=1, description="The server, e.g. opc.tcp://plc.line2:4840.")
+    nodes: OpcUaNodes
+    security_policy: Literal["None", "Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"] = Field(
+        "None", description="Security policy.")
+    security_mode: Literal["None", "Sign", "SignAndEncrypt"] = Field("None", description="Message security mode.")
+    certificate: Path | None = Field(None, description="This client's certificate (DER or PEM), for Sign modes.")
+    private_key: Path | None = Field(None, description="This client's private key (PEM), for Sign modes.")
+    server_certificate: Path | None = Field(None, description="The server's certificate to trust.")
+    username: str | None = Field(None, description="User name, when the server asks for one.")
+    password_env: str | None = Field(None, description="Name of the environment variable holding the password.")
+    password_file: Path | None = Field(None, description="File holding the password (its first line).")
+
+    @model_validator(mode="after")
+    def _security(self) -> OpcUa:
+        if (self.security_mode == "None") != (self.security_policy == "None"):
+            raise ValueError("@security_mode security_mode and security_policy must both be None, or both set")
+        if self.security_mode != "None" and (self.certificate is None or self.private_key is None):
+            raise ValueError("@certificate a signed or encrypted connection needs certificate and private_key")
+        return self
+
+
+class Webhook(_Output):
+    """The verdict's JSON POSTed to a URL; a 2xx answer acknowledges it."""
+
+    url: str = Field(pattern=r"^https?://", description="The URL (http:// or https://).")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers (an Authorization "
+                                                                      "header, for instance).")
+    verify: bool | Path = Field(True, description="Check the server's TLS certificate: true, false, or a CA file.")
+
+
 # ------------------------------------------------------------------ service
 
 
@@ -210,6 +299,27 @@ class ServiceConfig(_Section):
     http: Http = Http()
     disk: Disk = Disk()
     service: Service = Service()
+    mqtt: Mqtt | None = Field(None, description="Send each verdict to an MQTT broker.")
+    opcua: OpcUa | None = Field(None, description="Write the latest verdict to an OPC UA server.")
+    webhooks: dict[str, Webhook] = Field(default_factory=dict, description="POST each verdict to these URLs: "
+                                                                           "[webhooks.NAME].")
+
+    def outputs(self) -> list[tuple[str, _Output]]:
+        """Every network sink: ``(cursor name, its section)``."""
+        out: list[tuple[str, _Output]] = []
+        if self.mqtt is not None:
+            out.append(("mqtt", self.mqtt))
+        if self.opcua is not None:
+            out.append(("opcua", self.opcua))
+        out += [(f"webhook:{name}", hook) for name, hook in self.webhooks.items()]
+        return out
+
+    @property
+    def installation(self) -> str:
+        """This PC's id in message ids: service.installation_id, or the host name."""
+        import socket
+
+        return self.service.installation_id or socket.gethostname()
 
     @field_validator("sources")
     @classmethod
@@ -237,6 +347,12 @@ class ServiceConfig(_Section):
                                  f"{path}: each source needs its own. Change it for one of them")
             owners[real] = name
 
+        for key, output in (("mqtt", self.mqtt), ("opcua", self.opcua),
+                            *((f"webhooks.{n}", h) for n, h in self.webhooks.items())):
+            unknown = [n for n in (output.sources if output is not None else ()) if n not in self.sources]
+            if unknown:
+                raise ValueError(f"@{key}.sources names no source {', '.join(map(repr, unknown))}; the sources are "
+                                 f"{', '.join(map(repr, self.sources))}")
         for name, source in self.sources.items():
             claim("the ledger", source.ledger_path, name, "ledger")
             claim("the results file", source.sinks.results, name, "sinks.results")

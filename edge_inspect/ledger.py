@@ -76,7 +76,7 @@ from edge_inspect.errors import EdgeInspectError, InputError, LedgerDamagedError
 log = logging.getLogger(__name__)
 
 #: The schema this module writes; ``PRAGMA user_version`` of every ledger.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE parts (
@@ -111,12 +111,19 @@ CREATE TABLE parts (
 CREATE INDEX parts_file ON parts (source, size, mtime_ns);
 CREATE INDEX parts_committed ON parts (committed_at);
 CREATE INDEX parts_pending ON parts (id) WHERE sinks_pending != '';
+CREATE TABLE cursors (sink TEXT PRIMARY KEY, last_id INTEGER NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('ledger_id', lower(hex(randomblob(6))));
 """
 
 #: Statements that bring a ledger of version ``v`` to ``v + 1``. New columns go
 #: at the end of the table, where a new ledger has them too.
 _MIGRATIONS = {
     1: ("ALTER TABLE parts ADD COLUMN source_raw BLOB", "ALTER TABLE parts ADD COLUMN sink_error TEXT"),
+    # The outbox (edge_inspect.outbox): each network sink's delivery cursor, and this ledger's id for message ids.
+    2: ("CREATE TABLE cursors (sink TEXT PRIMARY KEY, last_id INTEGER NOT NULL, updated_at REAL NOT NULL)",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "INSERT INTO meta VALUES ('ledger_id', lower(hex(randomblob(6))))"),
 }
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -797,6 +804,52 @@ class Ledger:
         """Rows whose sinks have not all run, oldest first."""
         return [_row(v) for v in self._query(f"{self._select} WHERE sinks_pending != '' ORDER BY id")]
 
+    # ------------------------------------------------------------ the outbox
+
+    def ledger_id(self) -> str:
+        """This ledger's random id (made with it): message ids stay unique if a ledger is ever made anew."""
+        return self._query("SELECT value FROM meta WHERE key = 'ledger_id'", reader=True)[0][0]
+
+    def cursor(self, sink: str, *, start_at: str = "end") -> int:
+        """The last row id delivered to ``sink``; a sink new to this ledger starts at its last row, or at 0.
+
+        Raises:
+            InputError: the ledger cannot be written (a new cursor is stored at once).
+        """
+        found = self._query("SELECT last_id FROM cursors WHERE sink = ?", (sink,), reader=True)
+        if found:
+            return found[0][0]
+        import time
+
+        def create(conn):
+            recovered = conn.execute("SELECT 1 FROM meta WHERE key = 'cursor_start' AND value = 'first'").fetchone()
+            top = (conn.execute("SELECT coalesce(max(id), 0) FROM parts").fetchone()[0]
+                   if start_at == "end" and not recovered else 0)
+            conn.execute("INSERT OR IGNORE INTO cursors VALUES (?, ?, ?)", (sink, top, time.time()))
+
+        self._transaction(create)
+        return self._query("SELECT last_id FROM cursors WHERE sink = ?", (sink,), reader=True)[0][0]
+
+    def after(self, row_id: int, limit: int) -> list[Record]:
+        """Up to ``limit`` rows with an id above ``row_id``, in id order."""
+        return [_row(v) for v in self._query(f"{self._select} WHERE id > ? ORDER BY id LIMIT ?", (row_id, limit),
+                                             reader=True)]
+
+    def advance(self, sink: str, last_id: int) -> None:
+        """Record that ``sink`` has every row up to ``last_id`` (never moves back)."""
+        import time
+
+        self._transaction(lambda conn: conn.execute(
+            "UPDATE cursors SET last_id = max(last_id, ?), updated_at = ? WHERE sink = ?", (last_id, time.time(), sink)))
+
+    def undelivered(self, row_id: int, now: float | None = None) -> tuple[int, float | None]:
+        """Rows above ``row_id``, and the age in seconds of the oldest of them (None when there is none)."""
+        import time
+
+        count, oldest = self._query("SELECT count(*), min(committed_at) FROM parts WHERE id > ?", (row_id,),
+                                    reader=True)[0]
+        return count, (None if oldest is None else (now if now is not None else time.time()) - oldest)
+
     def backlog(self, now: float | None = None) -> tuple[int, float | None]:
         """Rows whose sinks are pending, and the age in seconds of the oldest (None when there is none)."""
         import time
@@ -1091,10 +1144,11 @@ def recover(path: str | os.PathLike) -> RecoverReport:
         sources, named, witnessed = _indexed_ids(conn)
         columns = ["id", *(c for c in COLUMNS if c != "id" and c in present)]
         rows, failed, top = _salvage(conn, columns, max(named, default=0))
+        outbox = _salvage_outbox(conn)
     finally:
         conn.close()
     temp = path.with_name(f".{path.name}.recover-{os.getpid()}")
-    written, invalid = _write_new_ledger(temp, columns, rows)
+    written, invalid = _write_new_ledger(temp, columns, rows, outbox)
     kept = {r[0] for r in rows} - invalid
     # Ids run from 1 with no gap (rows are never deleted): every id up to the top one existed. Two whole indexes
     # that agree say where the top is; otherwise the highest id anything names, and max(id) where it is
@@ -1203,8 +1257,25 @@ def _indexed_ids(conn: sqlite3.Connection) -> tuple[dict[int, str], set[int], bo
     return sources, named[0] | named[1], whole and named[0] == named[1]
 
 
-def _write_new_ledger(temp: Path, columns: list[str], rows: list[tuple]) -> tuple[int, set[int]]:
-    """Build a healthy ledger at ``temp`` holding ``rows``; returns (rows written, ids refused as invalid)."""
+def _salvage_outbox(conn: sqlite3.Connection) -> tuple[list[tuple], str | None] | None:
+    """The delivery cursors and the ledger id, or None when they cannot be read."""
+    try:
+        cursors = conn.execute("SELECT sink, last_id, updated_at FROM cursors").fetchall()
+        found = conn.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
+        return cursors, (found[0] if found else None)
+    except sqlite3.Error:
+        return None
+
+
+def _write_new_ledger(temp: Path, columns: list[str], rows: list[tuple],
+                      outbox: tuple[list[tuple], str | None] | None = ([], None)) -> tuple[int, set[int]]:
+    """Build a healthy ledger at ``temp`` holding ``rows``; returns (rows written, ids refused as invalid).
+
+    ``outbox``: the damaged ledger's delivery cursors and id, kept; None when
+    they could not be read: then every sink starts again from the first row
+    (a receiver sees some verdicts twice, and drops them by their ids,
+    rather than miss the ones not yet delivered).
+    """
     _remove(temp)
     invalid: set[int] = set()
     try:
@@ -1218,6 +1289,13 @@ def _write_new_ledger(temp: Path, columns: list[str], rows: list[tuple]) -> tupl
                     conn.execute(insert, row)
                 except sqlite3.IntegrityError:  # garbage that read as a row: a CHECK, NOT NULL or UNIQUE refuses it
                     invalid.add(row[0])
+            if outbox is None:
+                conn.execute("INSERT INTO meta VALUES ('cursor_start', 'first')")
+            else:
+                cursors, ledger_id = outbox
+                conn.executemany("INSERT OR REPLACE INTO cursors VALUES (?, ?, ?)", cursors)
+                if ledger_id:
+                    conn.execute("UPDATE meta SET value = ? WHERE key = 'ledger_id'", (ledger_id,))
             conn.execute("COMMIT")
             problems = _sqlite_check(conn, full=True)
             if problems:

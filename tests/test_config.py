@@ -183,7 +183,7 @@ def test_config_schema_describes_every_key(tmp_path):
     folder = document["$defs"]["FolderSource"]["properties"]
     assert folder["settle"]["default"] == 1.0 and "close event" in folder["settle"]["description"]
     assert document["$defs"]["FolderSource"]["additionalProperties"] is False
-    assert set(document["properties"]) == {"sources", "http", "disk", "service"}
+    assert set(document["properties"]) == {"sources", "http", "disk", "service", "mqtt", "opcua", "webhooks"}
 
 
 def test_secrets_are_masked_in_show():

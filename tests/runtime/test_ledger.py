@@ -416,9 +416,9 @@ def test_a_version_1_ledger_is_migrated_in_place_with_its_rows(tmp_path, caplog)
         (new,) = ledger.record([file_record(odd)])
         assert new.id == 4 and ledger.get(4).path == odd
         ledger.finish_sinks({2: {"sinks_pending": "", "sink_error": None, "sorted_path": "/line/ng/part_2.png"}})
-    assert "upgraded from version 1 to 2" in caplog.text
+    assert "upgraded from version 1 to 3" in caplog.text
     raw = sqlite3.connect(path)
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert sorted(row[1] for row in raw.execute("PRAGMA table_info(parts)")) == sorted(COLUMNS)
     assert raw.execute("SELECT count(*) FROM parts").fetchone()[0] == 4
     raw.close()
