@@ -2,14 +2,17 @@
 # Set everything up on a fresh machine and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The systemd unit's tests run systemd-analyze (verify, security, syscall-filter) and
-# systemctl --root; neither needs systemd to be running, only its package.
-if ! command -v systemd-analyze >/dev/null || ! command -v systemctl >/dev/null; then
+# Debian packages the tests run for real: systemd-analyze and systemctl --root for the unit's tests
+# (systemd need not be running, only installed), mosquitto for the MQTT sink's broker.
+missing=()
+command -v systemd-analyze >/dev/null && command -v systemctl >/dev/null || missing+=(systemd)
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "Warning: systemd-analyze is missing, and the unit's tests need it: sudo apt-get install systemd" >&2
+    echo "Warning: the tests need these Debian packages: sudo apt-get install ${missing[*]}" >&2
   fi
 fi
 scripts/setup.sh train,test
