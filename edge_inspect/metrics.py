@@ -64,7 +64,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -159,6 +159,23 @@ def error_reason(text: str | None) -> str:
 
 
 @dataclass(frozen=True)
+class DeliveryLive:
+    """One network sink's outbox for one source, at scrape time.
+
+    Attributes:
+        backlog: verdicts committed and not yet acknowledged by the receiver.
+        oldest_age: seconds since the oldest of them was committed; None when none waits.
+        up: False during an outage (the receiver does not answer).
+        alarm: True while the backlog is over its caps.
+    """
+
+    backlog: int
+    oldest_age: float | None
+    up: bool
+    alarm: bool
+
+
+@dataclass(frozen=True)
 class SourceLive:
     """What the service reports about one source at scrape time.
 
@@ -175,6 +192,7 @@ class SourceLive:
         last_progress_age: seconds since the source last made progress or
             passed an idle check.
         running: False while the source failed and waits for its retry.
+        deliveries: network sink -> its outbox's state.
     """
 
     kind: str
@@ -187,6 +205,7 @@ class SourceLive:
     reason: str | None
     last_progress_age: float
     running: bool
+    deliveries: Mapping[str, DeliveryLive] = field(default_factory=dict)
 
 
 def health_report(live: Mapping[str, SourceLive]) -> tuple[bool, dict]:
@@ -267,6 +286,8 @@ class Metrics:
         self._reconnects = Counter(PREFIX + "camera_reconnects", "Times a camera stream was reopened.", ["source"],
                                    registry=r)
         self._reloads = Counter(PREFIX + "reloads", "Configuration reloads, by result.", ["result"], registry=r)
+        self._delivered = Counter(PREFIX + "delivered", "Verdicts acknowledged by a network sink's receiver.",
+                                  ["source", "sink"], registry=r)
         self._model = Info(PREFIX + "model", "The model a source runs.", ["source"], registry=r)
         self._threshold = Gauge(PREFIX + "model_threshold", "The decision threshold of a source's model.",
                                 ["source"], registry=r)
@@ -326,6 +347,10 @@ class Metrics:
                                                "criterion": _text(criterion), "threshold": repr(float(threshold)),
                                                "device": _text(device)})
         self._child(self._threshold, source).set(float(threshold))
+
+    def delivered(self, source: str, sink: str, n: int) -> None:
+        """``n`` verdicts acknowledged by a network sink's receiver."""
+        self._child(self._delivered, source, sink).inc(n)
 
     def reloaded(self, ok: bool) -> None:
         """Count a configuration reload, ``ok`` or ``failed``."""
@@ -411,6 +436,12 @@ class _LiveCollector:
         healthy = gauge("source_healthy", "1 when the service finds the source healthy.", ("source",))
         progress = gauge("source_last_progress_age_seconds", "Seconds since the source last made progress or "
                          "passed an idle check.", ("source",))
+        waiting = gauge("delivery_backlog_parts", "Verdicts committed and not yet acknowledged by a network sink's "
+                        "receiver.", ("source", "sink"))
+        waiting_age = gauge("delivery_oldest_age_seconds", "Seconds since the oldest verdict waiting for a network "
+                            "sink was committed; absent when none waits.", ("source", "sink"))
+        delivery_up = gauge("delivery_up", "1 while a network sink's receiver answers.", ("source", "sink"))
+        alarm = gauge("delivery_alarm", "1 while a network sink's backlog is over its caps.", ("source", "sink"))
         for name, state in sorted(sources.items()):
             name = _text(name)
             for stage, n in sorted(state.queued.items()):
@@ -424,7 +455,14 @@ class _LiveCollector:
             up.add_metric([name, _text(state.kind)], float(bool(state.running)))
             healthy.add_metric([name], float(bool(state.healthy)))
             progress.add_metric([name], state.last_progress_age)
-        return [queued, backlog, oldest, free, low, up, healthy, progress]
+            for sink, delivery in sorted(state.deliveries.items()):
+                labels = [name, _text(sink)]
+                waiting.add_metric(labels, delivery.backlog)
+                if delivery.oldest_age is not None:
+                    waiting_age.add_metric(labels, delivery.oldest_age)
+                delivery_up.add_metric(labels, float(bool(delivery.up)))
+                alarm.add_metric(labels, float(bool(delivery.alarm)))
+        return [queued, backlog, oldest, free, low, up, healthy, progress, waiting, waiting_age, delivery_up, alarm]
 
 
 # ------------------------------------------------------------------ HTTP

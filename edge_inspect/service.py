@@ -10,6 +10,7 @@ both come here with a :class:`~edge_inspect.config.ServiceConfig`::
                          ├── systemd: READY, STATUS, WATCHDOG, STOPPING
                          ├── HTTP: /healthz and /metrics (edge_inspect.metrics)
                          ├── retention and the low-disk guard (edge_inspect.retention)
+                         ├── outboxes: MQTT, OPC UA, webhooks, from each ledger (edge_inspect.outbox)
                          └── SIGHUP: reload (serve), a drained stop (watch)
 
 - A source that fails (a camera gone, a folder unmounted, its ledger
@@ -87,16 +88,20 @@ class Models:
 
 
 class _Observer:
-    """A watcher's metrics, labelled with its source's name."""
+    """A watcher's metrics, labelled with its source's name; and the source's outboxes woken at each commit."""
 
-    def __init__(self, metrics, name: str):
-        self.metrics, self.name = metrics, name
+    def __init__(self, metrics, name: str, on_commit=None):
+        self.metrics, self.name, self.on_commit = metrics, name, on_commit
 
     def committed(self, records) -> None:
-        self.metrics.committed(self.name, records)
+        if self.metrics is not None:
+            self.metrics.committed(self.name, records)
+        if self.on_commit is not None:
+            self.on_commit()
 
     def inferred(self, batch_size: int, seconds: float) -> None:
-        self.metrics.inferred(self.name, batch_size, seconds)
+        if self.metrics is not None:
+            self.metrics.inferred(self.name, batch_size, seconds)
 
 
 class SourceRunner:
@@ -117,7 +122,7 @@ class SourceRunner:
     """
 
     def __init__(self, name: str, source: FolderSource | CameraSource, inspector, *, retry: bool, metrics=None,
-                 disk_guard=None, systemd: bool = False, rescan_backlog: bool = False):
+                 disk_guard=None, systemd: bool = False, rescan_backlog: bool = False, on_commit=None):
         self.name = name
         self.config = source
         self.inspector = inspector
@@ -126,6 +131,7 @@ class SourceRunner:
         self.disk_guard = disk_guard
         self.systemd = systemd
         self.rescan_backlog = rescan_backlog
+        self.on_commit = on_commit
         #: The source's retention caps, when it has any (serve).
         self.janitor_config = None
         self.watcher: Watcher | None = None
@@ -224,7 +230,8 @@ class SourceRunner:
                 source = Camera(cfg.uri, every=cfg.every, fps=cfg.fps, on_reconnect=reconnected)
             watcher = Watcher(source, self.inspector, self.ledger, sinks=sinks, readers=cfg.readers,
                               max_pixels=cfg.max_pixels, systemd=self.systemd,
-                              observer=_Observer(self.metrics, self.name) if self.metrics is not None else None,
+                              observer=(_Observer(self.metrics, self.name, self.on_commit)
+                                        if self.metrics is not None or self.on_commit is not None else None),
                               disk_guard=self.disk_guard)
             with self._lock:
                 self.watcher = watcher
@@ -361,6 +368,8 @@ class Service:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._janitors: dict[str, Any] = {}
+        #: (source, sink) -> its Outbox.
+        self.outboxes: dict[tuple[str, str], Any] = {}
         self._janitor_thread: threading.Thread | None = None
         self._last_watchdog = 0.0
 
@@ -408,6 +417,7 @@ class Service:
             self._start_runner(name, source, inspectors[name], guard)
         try:
             self._wait_attempted()
+            self._start_outboxes(self.config)  # each source has made its ledger by now
             if self._stop.is_set() is False:
                 if self.systemd:
                     notify.ready()
@@ -430,6 +440,7 @@ class Service:
                     runner.join()
                 except BaseException as exc:  # noqa: BLE001  (the first one is raised below)
                     failure = failure or exc
+            self._stop_outboxes()
             if self.http is not None:
                 self.http.stop()
             if self._janitor_thread is not None:
@@ -441,7 +452,7 @@ class Service:
     def _start_runner(self, name: str, source, inspector, guard, *, rescan_backlog: bool = False) -> None:
         runner = SourceRunner(name, source, inspector, retry=self.reloadable, metrics=self.metrics,
                               disk_guard=guard, systemd=self._watcher_systemd,
-                              rescan_backlog=rescan_backlog)
+                              rescan_backlog=rescan_backlog, on_commit=lambda: self._wake(name))
         self.runners[name] = runner
         if self.metrics is not None:
             self.metrics.model(name, sha256=inspector.card.data["files"][inspector.precision]["sha256"],
@@ -451,6 +462,34 @@ class Service:
         if self.reloadable and any(v is not None for k, v in retention.model_dump().items() if k != "interval"):
             runner.janitor_config = retention
         runner.start()
+
+    # ------------------------------------------------------------ the outbox
+
+    def _start_outboxes(self, config: ServiceConfig) -> None:
+        """One outbox per network sink and source it serves, each reading that source's ledger."""
+        from edge_inspect.outbox import Outbox
+
+        for cursor, section in config.outputs():
+            for name in section.sources or tuple(config.sources):
+                source = config.sources[name]
+                sink = make_sink(cursor, section, source=name, installation=config.installation)
+                outbox = Outbox(name, source.ledger_path, sink, installation=config.installation,
+                                batch=section.batch, max_age=section.max_backlog_age,
+                                max_rows=section.max_backlog_rows, start_at=section.start_at, metrics=self.metrics)
+                self.outboxes[(name, sink.name)] = outbox
+                outbox.start()
+
+    def _stop_outboxes(self) -> None:
+        for outbox in self.outboxes.values():
+            outbox.stop()
+        for outbox in self.outboxes.values():
+            outbox.join(timeout=60)
+        self.outboxes.clear()
+
+    def _wake(self, source: str) -> None:
+        for (name, _), outbox in list(self.outboxes.items()):
+            if name == source:
+                outbox.wake()
 
     def _wait_attempted(self) -> None:
         for runner in self.runners.values():
@@ -531,8 +570,18 @@ class Service:
         log.info("Health and metrics on http://%s:%d/healthz and /metrics", self.config.http.address, self.http.port)
 
     def live(self) -> dict:
+        from dataclasses import replace
+
+        from edge_inspect.metrics import DeliveryLive
+
         now = time.monotonic()
-        return {name: runner.live(now) for name, runner in list(self.runners.items())}
+        out = {}
+        for name, runner in list(self.runners.items()):
+            deliveries = {sink: DeliveryLive(backlog=o.backlog_rows, oldest_age=o.backlog_age, up=o.outage is None,
+                                             alarm=o.alarm is not None)
+                          for (source, sink), o in list(self.outboxes.items()) if source == name}
+            out[name] = replace(runner.live(now), deliveries=deliveries)
+        return out
 
     def health(self) -> tuple[bool, dict]:
         """``(healthy, body)`` for /healthz: healthy when every source is."""
@@ -542,10 +591,17 @@ class Service:
             healthy, reason = runner.health(now)
             watcher = runner.watcher
             counts = dict(getattr(watcher, "_counts", {})) if watcher is not None else {}
+            deliveries = {sink: {"backlog": o.backlog_rows, "oldest_age_s": o.backlog_age, "outage": o.outage,
+                                 "alarm": o.alarm, "delivered": o.delivered}
+                          for (source, sink), o in list(self.outboxes.items()) if source == name}
+            alarms = [f"{sink}: {d['alarm']}" for sink, d in deliveries.items() if d["alarm"]]
+            if healthy and alarms:  # a backlog over its caps: someone must look, though inspection goes on
+                healthy, reason = False, "delivery backlog over its caps: " + "; ".join(alarms)
             sources[name] = {"healthy": healthy, "reason": reason, "kind": runner.config.kind,
                              "last_progress_age_s": round(runner.progress_age(now), 3),
                              "verdicts": {k: counts.get(k, 0) for k in ("ok", "ng", "error")},
-                             "sinks_paused": bool(watcher is not None and watcher.paused)}
+                             "sinks_paused": bool(watcher is not None and watcher.paused),
+                             "deliveries": deliveries}
         healthy = all(s["healthy"] for s in sources.values())
         body = {"status": "ok" if healthy else "unhealthy", "sources": sources,
                 "unhealthy": {n: s["reason"] for n, s in sources.items() if not s["healthy"]},
@@ -598,6 +654,9 @@ class Service:
             else:
                 log.info("Reload: source %s added.", name)
             self._start_runner(name, source, inspectors[name], guard, rescan_backlog=True)
+        if new.outputs() != old.outputs() or new.sources != old.sources or new.service != old.service:
+            self._stop_outboxes()  # cursors are in the ledgers: nothing acknowledged is sent again, nothing skipped
+            self._start_outboxes(new)
         self.config = new
         self.models = models
         self.reload_error = None
@@ -610,3 +669,18 @@ class Service:
 def _same_model(a, b) -> bool:
     return (a.card.data["files"][a.precision]["sha256"] == b.card.data["files"][b.precision]["sha256"]
             and a.criterion == b.criterion and a.entry == b.entry)
+
+
+def make_sink(cursor: str, section, *, source: str, installation: str):
+    """The network sink of a configuration section, for one source."""
+    if cursor == "mqtt":
+        from edge_inspect.sinks.mqtt import MqttSink
+
+        return MqttSink(section, source=source, installation=installation)
+    if cursor == "opcua":
+        from edge_inspect.sinks.opcua import OpcUaSink
+
+        return OpcUaSink(section, source=source, installation=installation)
+    from edge_inspect.sinks.webhook import WebhookSink
+
+    return WebhookSink(section, name=cursor.split(":", 1)[1], source=source, installation=installation)
