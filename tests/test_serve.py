@@ -27,6 +27,7 @@ from tests.runtime.conftest import model_dir, tiny_base  # noqa: F401  (shared f
 from tests.runtime.test_watch import WAIT_S, count, rows, wait_for
 from tests.runtime.test_watch_crash import NotifySocket, check_consistent, feed, staged
 from tests.support import write_parts
+from tests.support.mounts import tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,13 +210,9 @@ def test_sighup_reload_swaps_the_threshold_during_a_burst_and_a_broken_file_keep
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    """A 16 MiB tmpfs."""
+    with tmpfs(tmp_path / "disk", size="16m") as (folder, _):
+        yield folder
 
 
 def test_a_full_disk_pauses_sorting_keeps_every_verdict_and_sorting_resumes(model_dir, tmp_path,  # noqa: F811

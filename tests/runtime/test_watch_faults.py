@@ -26,6 +26,7 @@ from tests.runtime.conftest import model_dir, tiny_base  # noqa: F401  (shared f
 from tests.runtime.test_watch import WAIT_S, Running, count, inspector, rows, wait_for  # noqa: F401
 from tests.runtime.test_watch_crash import NotifySocket
 from tests.support import DEFECTS, make_part
+from tests.support.mounts import tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -162,16 +163,9 @@ def test_temporary_overlays_of_dead_processes_are_removed_at_start(tmp_path):
 
 @pytest.fixture
 def full_disk(tmp_path):
-    """A 2 MiB tmpfs, filled to the last byte."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    """A 2 MiB tmpfs."""
+    with tmpfs(tmp_path / "disk", size="2m") as (folder, _):
+        yield folder
 
 
 def _fill(folder: Path) -> Path:

@@ -1,4 +1,4 @@
-"""A real read-only file system for the tests: a small tmpfs, mounted, filled, then remounted read-only.
+"""Real small file systems for the tests: a tmpfs to fill up (a full disk), or to remount read-only.
 
 As root, file modes do not stop a write (root ignores them); a read-only mount
 does, for every user, as it would for a ledger on a write-protected card or a
@@ -24,7 +24,7 @@ import pytest
 def tmpfs(folder: Path, size: str = "16m"):
     """Mount a tmpfs on ``folder`` (created); yield ``(folder, make_read_only)``; unmount at the end."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a read-only file system needs root")
+        pytest.skip("mounting a tmpfs needs root")
     folder.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
                              capture_output=True, text=True)
