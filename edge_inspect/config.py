@@ -353,6 +353,9 @@ class ServiceConfig(_Section):
             if unknown:
                 raise ValueError(f"@{key}.sources names no source {', '.join(map(repr, unknown))}; the sources are "
                                  f"{', '.join(map(repr, self.sources))}")
+        if self.opcua is not None and len(self.opcua.sources or self.sources) != 1:
+            raise ValueError("@opcua.sources the OPC UA nodes hold one source's latest verdict: several sources "
+                             "would overwrite each other's. Name exactly one source here")
         for name, source in self.sources.items():
             claim("the ledger", source.ledger_path, name, "ledger")
             claim("the results file", source.sinks.results, name, "sinks.results")

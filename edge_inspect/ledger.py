@@ -1008,7 +1008,9 @@ class Ledger:
 
         def delete(conn):
             nonlocal deleted
+            # Never a row a network sink has not yet had: at or below every delivery cursor.
             cursor = conn.executemany("DELETE FROM parts WHERE id = ? AND sinks_pending = '' "
+                                      "AND id <= coalesce((SELECT min(last_id) FROM cursors), id) "
                                       "AND id < (SELECT max(id) FROM parts)", wanted)
             deleted = cursor.rowcount
 

@@ -182,14 +182,17 @@ class Outbox:
         ledger = None
         connected = False
         while not self._stopping.is_set():
+            in_ledger = True  # which side failed: the ledger is opened again, the receiver reconnected
             try:
                 if ledger is None:
                     ledger = Ledger.open(self.ledger_path)
                     ledger_id = ledger.ledger_id()
                     cursor = ledger.cursor(self.sink.name, start_at=self.start_at)
                 if not connected:
+                    in_ledger = False
                     self.sink.open()
                     connected = True
+                in_ledger = True
                 rows = ledger.after(cursor, self.batch)
                 self._measure(ledger, cursor)
                 if not rows:
@@ -199,7 +202,9 @@ class Outbox:
                     continue
                 messages = [message(r, source=self.source, installation=self.installation, ledger_id=ledger_id)
                             for r in rows]
+                in_ledger = False
                 self.sink.deliver(messages)
+                in_ledger = True
                 cursor = rows[-1].id
                 ledger.advance(self.sink.name, cursor)
                 self.delivered += len(rows)
@@ -216,10 +221,10 @@ class Outbox:
                 else:
                     log.debug("Delivery %s of source %s still failing: %s", self.sink.name, self.source, reason)
                 self.outage = reason
-                if isinstance(exc, EdgeInspectError) and ledger is not None and "ledger" in str(exc).lower():
+                if in_ledger and ledger is not None:
                     ledger.close()
                     ledger = None
-                if connected:
+                if connected and not in_ledger:
                     self.sink.close()
                     connected = False
                 if ledger is not None:
@@ -258,5 +263,5 @@ class Outbox:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    text = (str(exc) or type(exc).__name__).rstrip(".")
     return text if isinstance(exc, EdgeInspectError) else f"{type(exc).__name__}: {text}"

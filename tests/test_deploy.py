@@ -61,10 +61,10 @@ def schema_keys(document: dict) -> tuple[set[tuple[str, ...]], set[str]]:
 
 
 def document_keys(data: dict, path: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
-    """Every leaf key path of a parsed configuration, a source's name as "*"."""
+    """Every leaf key path of a parsed configuration; names the user chooses (sources, webhooks, headers) as "*"."""
     keys = set()
     for key, value in data.items():
-        here = (*path, "*" if path == ("sources",) else key)
+        here = (*path, "*" if path in (("sources",), ("webhooks",)) or path[-1:] == ("headers",) else key)
         keys |= document_keys(value, here) if isinstance(value, dict) else {here}
     return keys
 

@@ -651,3 +651,15 @@ def test_recover_a_file_cut_short(tmp_path):
     assert all(r == written[r.id] for r in rows) and len(rows) == report.salvaged
     assert sorted({r.id for r in rows} | set(report.lost)) == list(range(1, report.unknown_from))
     assert report.damaged.read_bytes() == data[:len(data) // 2 // size * size]
+
+
+def test_retention_never_drops_a_row_a_network_sink_has_not_had(tmp_path):
+    with Ledger.open(tmp_path / "l.sqlite") as ledger:
+        rows = ledger.record([make_record(k) for k in range(6)])
+        assert ledger.cursor("mqtt", start_at="start") == 0
+        ledger.advance("mqtt", rows[2].id)
+        assert ledger.drop([r.id for r in rows]) == 3  # up to the cursor; never the last row either
+        assert [r.id for r in ledger.after(0, 10)] == [r.id for r in rows[3:]]
+        ledger.advance("mqtt", rows[1].id)  # a cursor never moves back
+        assert ledger.cursor("mqtt") == rows[2].id
+        assert ledger.undelivered(rows[2].id)[0] == 3
