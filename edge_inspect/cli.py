@@ -829,6 +829,7 @@ app.add_typer(config_app, name="config")
 @handle_errors
 def config_check(
     file: Annotated[Path, typer.Argument(help="The configuration file (TOML).")],
+    offline: Annotated[bool, typer.Option("--offline", help="Do not connect to the OPC UA server to check its nodes.")] = False,
 ) -> None:
     """Validate a configuration without starting anything: types, paths, permissions, models, camera URIs.
 
@@ -846,7 +847,7 @@ def config_check(
     except ConfigError as exc:
         err_console.print(f"{escape(str(file))}: invalid.\n{escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    problems = configuration.check(loaded)
+    problems = configuration.check(loaded, network=not offline)
     if problems:
         err_console.print(f"{escape(str(file))}: {len(problems)} problem(s).\n" + escape("\n".join(problems)),
                           highlight=False, soft_wrap=True)

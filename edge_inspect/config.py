@@ -227,10 +227,10 @@ class OpcUaNodes(_Section):
     """Node ids of the PLC's server that receive the latest verdict; sequence is written last."""
 
     verdict: str = Field(description="String node: 'ok', 'ng' or 'error'.")
-    score: str | None = Field(None, description="Double node: the score (NaN for an error).")
+    score: str | None = Field(None, description="Double or Float node: the score (NaN for an error).")
     part_id: str | None = Field(None, description="String node: the message id of the verdict.")
-    sequence: str = Field(description="UInt64 node, written last: the verdict's sequence number (its ledger row); "
-                                      "a change means a new, complete record.")
+    sequence: str = Field(description="UInt64, Int64, UInt32 or Int32 node, written last: the verdict's sequence "
+                                      "number (its ledger row); a change means a new, complete record.")
 
 
 class OpcUa(_Output):
@@ -567,8 +567,13 @@ def schema() -> dict:
 # ------------------------------------------------------------------ checking
 
 
-def check(config: ServiceConfig) -> list[str]:
+def check(config: ServiceConfig, *, network: bool = True) -> list[str]:
     """Everything that can be checked without starting: folders, permissions, models, camera URIs.
+
+    Args:
+        config: the configuration.
+        network: also connect to the OPC UA server once and check its
+            nodes (their ids, types and write access).
 
     Returns:
         One line per problem, each naming its key and the fix (empty: all good).
@@ -605,6 +610,10 @@ def check(config: ServiceConfig) -> list[str]:
         elif source.criterion is not None and source.criterion not in card.calibration["criteria"]:
             problems.append(f"At '{at}.criterion': {source.criterion!r} has no calibration in {source.model}; "
                             f"calibrated: {', '.join(card.calibration['criteria'])}.")
+    if network and config.opcua is not None:
+        from edge_inspect.sinks.opcua import check as check_opcua
+
+        problems += check_opcua(config.opcua)
     return problems
 
 
