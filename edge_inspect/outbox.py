@@ -100,8 +100,8 @@ def payload(record: Record, *, source: str, installation: str, ledger_id: str) -
         "source": source,
         "sequence": record.id,
         "verdict": record.verdict,
-        "score": record.score,
-        "threshold": record.threshold,
+        "score": _finite(record.score),
+        "threshold": _finite(record.threshold),
         "criterion": record.criterion,
         "model_sha256": record.model_sha256,
         "error": record.error,
@@ -112,6 +112,13 @@ def payload(record: Record, *, source: str, installation: str, ledger_id: str) -
         "sorted_path": record.sorted_path,
         "heatmap": record.heatmap,
     }
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: such a value goes out as null, never blocking the sink for good."""
+    import math
+
+    return value if value is None or math.isfinite(value) else None
 
 
 def message(record: Record, *, source: str, installation: str, ledger_id: str) -> Message:
