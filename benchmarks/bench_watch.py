@@ -26,6 +26,12 @@ same batch size:
   ``edge-inspect serve`` with two sources (the measured folder and a second,
   idle one, on the same model) and metrics on, scraped once a second; its
   burst drain and steady p95 against watch's, side by side in one run.
+- **serve with MQTT** (``--mqtt``, needs mosquitto): the same again with
+  the MQTT sink on, to a local broker and a QoS-1 subscriber: its burst
+  drain against serve's without it, the time from commit to the
+  subscriber's receipt (p50, p95) over the steady phase, and, with the
+  broker stopped for ``--outage`` seconds during a steady stream, the time
+  from the broker's restart until the subscriber has every verdict.
 
 ``committed_at`` is taken just before the verdict's transaction; the
 commit's sync (``synchronous=FULL``) follows it, so the script also times
@@ -190,7 +196,8 @@ def wait_count(ledger: Path, n: int, timeout: float = 1800.0) -> dict[str, float
     raise SystemExit(f"only {len(committed(ledger))} of {n} verdicts after {timeout} s")
 
 
-def serve_config(work: Path, folder: Path, model: Path, args: argparse.Namespace) -> tuple[Path, int]:
+def serve_config(work: Path, folder: Path, model: Path, args: argparse.Namespace,
+                 mqtt_port: int | None = None) -> tuple[Path, int]:
     """Two folder sources on one model (the measured one and an idle one), metrics on a free port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -199,9 +206,58 @@ def serve_config(work: Path, folder: Path, model: Path, args: argparse.Namespace
     idle.mkdir(exist_ok=True)
     path = work / "serve.toml"
     source = f'model = "{model}"\nbatch_size = {args.batch_size}\ndevice = "{args.device}"\nsettle = 0.2\n'
-    path.write_text(f'[http]\nport = {port}\n\n[sources.line]\nkind = "folder"\npath = "{folder}"\n{source}\n'
+    mqtt = (f'[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\nsources = ["line"]\nstart_at = "start"\n\n'
+            if mqtt_port else "")
+    path.write_text(f'[http]\nport = {port}\n\n{mqtt}[sources.line]\nkind = "folder"\npath = "{folder}"\n{source}\n'
                     f'[sources.idle]\nkind = "folder"\npath = "{idle}"\n{source}')
     return path, port
+
+
+class Receipts:
+    """A QoS-1 subscriber with a persistent session: when each verdict (by sequence) first arrived."""
+
+    def __init__(self, port: int):
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.first: dict[int, float] = {}
+        self.committed: dict[int, float] = {}
+        self.duplicates = 0
+        self.lock = threading.Lock()
+        ready = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-receipts", protocol=mqtt.MQTTv5)
+        self.client.reconnect_delay_set(1, 1)
+        self.client.on_connect = lambda c, *a: c.subscribe("edge-inspect/+/+/verdict", qos=1)
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.on_message = self._message
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600
+        self.client.connect("127.0.0.1", port, 30, clean_start=False, properties=properties)
+        self.client.loop_start()
+        if not ready.wait(10):
+            raise SystemExit("the benchmark's MQTT subscriber got no SUBACK")
+
+    def _message(self, client, userdata, msg):
+        import json
+
+        now = time.time()
+        data = json.loads(msg.payload)
+        with self.lock:
+            if data["sequence"] in self.first:
+                self.duplicates += 1
+            else:
+                self.first[data["sequence"]] = now
+                self.committed[data["sequence"]] = data["timestamps"]["committed"]
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.first)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 def scrape_every_second(port: int, stop: threading.Event) -> None:
@@ -215,11 +271,14 @@ def scrape_every_second(port: int, stop: threading.Event) -> None:
 
 
 def run_watch(model, args, work: Path, steady: list[Path], burst: list[Path], inspector: Inspector,
-              images: list[np.ndarray], extra=(), label="", serve: bool = False) -> dict:
+              images: list[np.ndarray], extra=(), label="", serve: bool = False, broker=None,
+              outage: list[Path] | None = None) -> dict:
     folder = work / f"in{label}"
     folder.mkdir()
     ledger = folder / ".edge-inspect" / "ledger.sqlite"
-    config, port = serve_config(work, folder, model, args) if serve else (None, None)
+    receipts = Receipts(broker.port) if broker is not None else None
+    config, port = (serve_config(work, folder, model, args, broker.port if broker else None) if serve
+                    else (None, None))
     watcher = Watcher(folder, model, args, work / f"watch{label}.log", extra, serve=config)
     scraping = threading.Event()
     if serve:
@@ -247,13 +306,44 @@ def run_watch(model, args, work: Path, steady: list[Path], burst: list[Path], in
             os.replace(path, folder / path.name)
             closed[path.name] = time.time()
         rows = wait_count(ledger, len(steady) + len(burst))
+        recovery = None
+        if receipts is not None:
+            wait_receipts(receipts, len(steady) + len(burst))
+            if outage:
+                # A steady stream; the broker stops for args.outage seconds in the middle of it.
+                broker.stop()
+                down = time.monotonic()
+                for k, path in enumerate(outage):
+                    os.replace(path, folder / path.name)
+                    time.sleep(max(0.0, down + (k + 1) / args.rate - time.monotonic()))
+                    if time.monotonic() - down >= args.outage:
+                        break
+                wait_count(ledger, len(steady) + len(burst) + k + 1)
+                broker.start()
+                back = time.monotonic()
+                wait_receipts(receipts, len(steady) + len(burst) + k + 1)
+                recovery = {"seconds": time.monotonic() - back, "waiting": k + 1}
     finally:
         scraping.set()
         code = watcher.stop()
+        if receipts is not None:
+            receipts.close()
     steady_ms = [(rows[p.name] - closed[p.name]) * 1e3 for p in steady]
     drain = max(rows[p.name] for p in burst) - first
-    return {"steady_ms": steady_ms, "single_ms": single, "drain_s": drain, "rate": len(burst) / drain, "exit": code,
+    receipt_ms = None
+    if receipts is not None:
+        receipt_ms = [(receipts.first[k] - receipts.committed[k]) * 1e3 for k in range(1, len(steady) + 1)]
+    return {"receipt_ms": receipt_ms, "recovery": recovery,
+            "duplicates": receipts.duplicates if receipts else None, "steady_ms": steady_ms, "single_ms": single, "drain_s": drain, "rate": len(burst) / drain, "exit": code,
             "stages": stages(ledger, closed, [p.name for p in steady])}
+
+
+def wait_receipts(receipts: Receipts, n: int, timeout: float = 1800.0) -> None:
+    deadline = time.monotonic() + timeout
+    while receipts.count() < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {receipts.count()} of {n} verdicts reached the MQTT subscriber")
+        time.sleep(0.05)
 
 
 def main() -> None:
@@ -269,6 +359,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--with-sinks", action="store_true", help="also run the watcher with --sort and --results")
     parser.add_argument("--serve", action="store_true", help="also run serve: two sources, metrics scraped")
+    parser.add_argument("--mqtt", action="store_true", help="also run serve with the MQTT sink (needs mosquitto)")
+    parser.add_argument("--outage", type=float, default=60.0, help="seconds the broker is down in the MQTT run")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-watch-"))
@@ -285,10 +377,19 @@ def main() -> None:
 
         sources = write_parts(work / "parts", 64, size=args.image_size, seed=0)
     runs = [("", ())] + ([("-sinks", ("--sort", "--results", str(work / "verdicts.jsonl")))] if args.with_sinks else [])
-    runs += [("-serve", ())] if args.serve else []
+    runs += [("-serve", ())] if args.serve or args.mqtt else []
+    runs += [("-mqtt", ())] if args.mqtt else []
     staged = {label: (stage_files(sources, work / f"steady{label}", args.steady, "s"),
                       stage_files(sources, work / f"burst{label}", args.burst, "b")) for label, _ in runs}
 
+    broker = None
+    if args.mqtt:
+        sys.path.insert(0, str(ROOT))
+        from tests.runtime.test_mqtt import Broker
+
+        broker = Broker(work / "broker")
+        broker.start()
+    outage = stage_files(sources, work / "outage", int(args.outage * args.rate) + 1, "o") if args.mqtt else None
     inspector = Inspector.load(model, device=args.device, batch_size=args.batch_size)
     load = os.getloadavg()[0]
     print(f"model {model} ({inspector.precision} on {inspector.device}, {inspector.size[0]} px), batch "
@@ -298,7 +399,11 @@ def main() -> None:
     cost = commit_cost(work)
     images = [read_image(p) for p in sources[:args.single]]
     results = {label: run_watch(model, args, work, *staged[label], inspector, images, extra=extra, label=label,
-                                serve=label == "-serve") for label, extra in runs}
+                                serve=label in ("-serve", "-mqtt"), broker=broker if label == "-mqtt" else None,
+                                outage=outage if label == "-mqtt" else None)
+               for label, extra in runs}
+    if broker is not None:
+        broker.stop()
     after = predict_rate(inspector, list((work / "in").glob("b*")))
     single_after = single_image(inspector, sources, args.single)
     predict = (before + after) / 2
@@ -313,7 +418,8 @@ def main() -> None:
     print(f"| predict, images/s (before / after) | {before:.1f} / {after:.1f} |")
     print(f"| one single-row ledger commit, ms (median) | {cost:.2f} |")
     for label, r in results.items():
-        name = {"": "watch", "-sinks": "watch --sort --results", "-serve": "serve (2 sources, metrics)"}[label]
+        name = {"": "watch", "-sinks": "watch --sort --results", "-serve": "serve (2 sources, metrics)",
+                "-mqtt": "serve + MQTT"}[label]
         w50, w95 = percentile(r["steady_ms"], 50), percentile(r["steady_ms"], 95)
         i50, i95 = percentile(r["single_ms"], 50), percentile(r["single_ms"], 95)
         print(f"| {name}: steady latency, ms p50 / p95 ({args.steady} files at {args.rate:g}/s) | "
@@ -330,6 +436,15 @@ def main() -> None:
         print(f"| {name}: exit code after SIGTERM | {r['exit']} |")
         print(f"| {name}: steady, median ms per stage | "
               + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items()) + " |")
+    if "-mqtt" in results:
+        v, m = results["-serve"], results["-mqtt"]
+        r50, r95 = percentile(m["receipt_ms"], 50), percentile(m["receipt_ms"], 95)
+        print(f"| serve + MQTT / serve: burst drain time (target <= 1.10) | **{m['drain_s'] / v['drain_s']:.3f}** |")
+        print(f"| MQTT: commit to subscriber's receipt, ms p50 / p95 (target p95 < 20) | {r50:.1f} / **{r95:.1f}** |")
+        if m["recovery"]:
+            print(f"| MQTT: after a {args.outage:g} s broker outage, {m['recovery']['waiting']} verdicts waiting: "
+                  f"seconds from the broker's restart to the last receipt | **{m['recovery']['seconds']:.1f}** |")
+        print(f"| MQTT: duplicates the subscriber saw | {m['duplicates']} |")
     if "-serve" in results:
         w, v = results[""], results["-serve"]
         print(f"| serve / watch: burst drain time (target <= 1.05) | **{v['drain_s'] / w['drain_s']:.3f}** |")
