@@ -540,6 +540,9 @@ class Watcher:
         by_id = {r.id: r for r in records}
         for sink in self.sinks:
             mine = [by_id[i] for i in by_id if sink.name in pending[i]]
+            if sink.name == "jsonl":
+                # The JSON line names where the file went and its overlay: it waits for those sinks.
+                mine = [r for r in mine if not pending[r.id] & {"sort", "heatmaps"}]
             if not mine:
                 continue
             failures = getattr(sink, "failures", None)

@@ -298,3 +298,48 @@ def test_a_failing_source_is_retried_while_the_other_inspects_on(model_dir, tmp_
     finally:
         assert serve.finish() == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert "Source line2 failed" in (tmp_path / "serve.log").read_text()
+
+
+def test_serve_delivers_every_verdict_over_mqtt_through_a_broker_outage_and_a_kill_9(model_dir, tmp_path):  # noqa: F811
+    """The broker down at start: verdicts wait in the ledger, backlog in health and metrics; then all arrive."""
+    from tests.runtime.test_mqtt import Broker, Subscriber
+
+    broker = Broker(tmp_path / "broker")
+    folder, staging, names, _ = staged(tmp_path, 30, seed=78)
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(config_text(model_dir, folder, port=port)
+                      + f'\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nstart_at = "start"\ntimeout = 2\n'
+                      + '[service]\ninstallation_id = "pc-test"\n')
+    ledger = folder / ".edge-inspect" / "ledger.sqlite"
+    serve = Serve(config, tmp_path / "first.log")
+    try:
+        for name in names[:20]:
+            os.replace(staging / name, folder / name)
+        wait_for(lambda: count(ledger) == 20, what="20 verdicts with the broker down")
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()["sources"]["line1"]
+                 ["deliveries"]["mqtt"]["backlog"] == 20, timeout=30, what="the backlog in health")
+        body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()
+        assert body["sources"]["line1"]["deliveries"]["mqtt"]["outage"], body
+        samples = {(s.name, s.labels.get("sink")): s.value for family in scrape(port).values() for s in family}
+        assert samples[("edge_inspect_delivery_backlog_parts", "mqtt")] == 20
+        assert samples[("edge_inspect_delivery_up", "mqtt")] == 0
+        broker.start()
+        subscriber = Subscriber(broker.port, "edge-inspect/pc-test/line1/verdict", client_id="serve-test")
+        wait_for(lambda: subscriber.count() >= 20, timeout=60, what="the backlog delivered")
+        serve.kill()  # kill -9 during delivery of what comes next
+        for name in names[20:]:
+            os.replace(staging / name, folder / name)
+        serve = Serve(config, tmp_path / "second.log")
+        wait_for(lambda: count(ledger) == len(names), what="every verdict")
+        wait_for(lambda: len({p["id"] for p in subscriber.payloads()}) == len(names), timeout=60,
+                 what="every verdict delivered")
+    finally:
+        assert serve.finish() == 0
+        broker.stop()
+    got = {p["sequence"]: p for p in subscriber.payloads()}
+    assert sorted(got) == sorted(r["id"] for r in rows(ledger))
+    assert all(p["id"].startswith("pc-test:line1:") and p["source"] == "line1" for p in got.values())
+    by_id = {r["id"]: r for r in rows(ledger)}
+    assert all(got[k]["verdict"] == by_id[k]["verdict"] for k in got)
+    print(f"duplicates seen by the subscriber: {len(subscriber.payloads()) - len(got)}")

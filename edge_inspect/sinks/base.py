@@ -88,6 +88,30 @@ def safe_name(name: str) -> str:
     return "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in name)
 
 
+#: The longest file name most Linux file systems take, in bytes.
+NAME_MAX = 255
+
+
+def fit_name(stem: str, tail: str) -> str:
+    """``stem + tail``, the stem cut at a character boundary so that the name's UTF-8 bytes fit :data:`NAME_MAX`.
+
+    A part named with 255 bytes already has no room for the ``-ID`` that
+    keeps a sorted name unique, and :func:`safe_name` makes a name that is
+    not UTF-8 up to three times longer.
+    """
+    room = NAME_MAX - len(tail.encode("utf-8", "surrogateescape"))
+    raw = stem.encode("utf-8", "surrogateescape")
+    if len(raw) <= room:
+        return stem + tail
+    return raw[:max(room, 1)].decode("utf-8", "ignore") + tail
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``(stem, suffix)`` of a file name, the suffix only when it is short (``.png``, not 200 bytes after a dot)."""
+    path = Path(name)
+    return (path.stem, path.suffix) if len(path.suffix) <= 16 else (name, "")
+
+
 def same_content(path: Path, record: Record) -> bool:
     """Whether ``path`` holds the bytes the row was decided on: size, mtime and sha256 all match."""
     import hashlib

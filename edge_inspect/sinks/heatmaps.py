@@ -31,7 +31,7 @@ import numpy as np
 
 from edge_inspect.errors import EdgeInspectError, InputError
 from edge_inspect.ledger import Record
-from edge_inspect.sinks.base import Done, fsync_dir, safe_name
+from edge_inspect.sinks.base import Done, fit_name, fsync_dir, safe_name, split_name
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def heatmap_name(record: Record) -> str:
     """The overlay's file name for a row: valid UTF-8 whatever the part's name (see :func:`safe_name`)."""
     if record.kind == "frame":
         return f"frame-{record.frame_index}-{record.id}.png"
-    return f"{Path(safe_name(record.path.name)).stem}-{record.id}.png"
+    return fit_name(split_name(safe_name(record.path.name))[0], f"-{record.id}.png")
 
 
 def _running(pid: int) -> bool:
@@ -128,7 +128,7 @@ class HeatmapSink:
         if not ok:
             raise InputError(f"OpenCV could not encode the heatmap of row {record.id} as PNG.")
         target = self.folder / heatmap_name(record)
-        temporary = self.folder / f".{target.name}.{os.getpid()}.tmp"
+        temporary = self.folder / f".heatmap-{record.id}.{os.getpid()}.tmp"  # short: the target may fill NAME_MAX
         try:
             with open(temporary, "wb") as handle:
                 handle.write(encoded.tobytes())

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from edge_inspect.errors import InputError
 from edge_inspect.ledger import Record
-from edge_inspect.sinks.base import Done, fsync_dir, safe_name, same_content
+from edge_inspect.sinks.base import Done, fit_name, fsync_dir, safe_name, same_content, split_name
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,12 @@ class SortSink:
 
     def _candidates(self, record: Record) -> Iterator[Path]:
         """The names this sink gives the file, in the order it tries them."""
-        source = Path(safe_name(record.path.name))
+        stem, suffix = split_name(safe_name(record.path.name))
         folder = self.folder / record.verdict
-        yield folder / source.name
-        yield folder / f"{source.stem}-{record.id}{source.suffix}"
+        yield folder / fit_name(stem, suffix)
+        yield folder / fit_name(stem, f"-{record.id}{suffix}")
         for k in itertools.count(2):
-            yield folder / f"{source.stem}-{record.id}-{k}{source.suffix}"
+            yield folder / fit_name(stem, f"-{record.id}-{k}{suffix}")
 
     def _move(self, record: Record) -> Path | None:
         """Move one file; its new path, or None when there is nothing left to move."""

@@ -180,3 +180,16 @@ def test_heatmap_replay_reads_the_file_again(line, tmp_path, model_dir):  # noqa
     assert updates == {sorted_away.id: {"heatmap": str(target)}, changed.id: {}}
     assert cv2.imread(str(target)) is not None
     assert os.listdir(tmp_path / "heat") == [target.name]
+
+
+def test_names_that_fill_name_max_still_fit_with_their_row_id():
+    from edge_inspect.sinks.base import NAME_MAX, fit_name, safe_name, split_name
+
+    long_utf8 = "é" * 127 + ".png"  # 258 bytes: over NAME_MAX once the id is added
+    stem, suffix = split_name(long_utf8)
+    name = fit_name(stem, f"-1234{suffix}")
+    assert len(name.encode()) <= NAME_MAX and name.endswith("-1234.png") and name.startswith("é")
+    name.encode("utf-8")  # cut at a character boundary: valid UTF-8
+    escaped = safe_name(os.fsdecode(b"\xff" * 250 + b".jpg"))  # 750 bytes once escaped
+    assert len(fit_name(*split_name(escaped)).encode()) <= NAME_MAX
+    assert split_name("a." + "x" * 100) == ("a." + "x" * 100, "")  # no 100-byte 'suffix'
