@@ -21,6 +21,7 @@ and goes on, so that one failure lists every broken promise; it raises
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -268,11 +269,16 @@ class Torture:
         self.watchers: list[WatchProcess] = []
         self.writers: list[Writer] = []
         self.cleanups: list[Callable] = []
+        self._contexts = contextlib.ExitStack()
         self.scratch = self.dir / "scratch"
         self.scratch.mkdir(parents=True, exist_ok=True)
         unignore_signals()
         (self.dir / "logs").mkdir(exist_ok=True)
         self._ids = 0
+
+    def enter(self, context):
+        """Enter a context manager (a mounted tmpfs...) until the run closes; what it yields."""
+        return self._contexts.enter_context(context)
 
     def next_id(self) -> int:
         self._ids += 1
@@ -420,6 +426,7 @@ class Torture:
                 self.cleanups.pop()()
             except Exception as exc:  # noqa: BLE001 - teardown goes on; the failure is still shown
                 self.violations.append(f"teardown: {exc}")
+        self._contexts.close()
 
 
 def query(ledger, sql: str, default):

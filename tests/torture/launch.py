@@ -14,7 +14,6 @@ keyword's default before running the console script::
 """
 
 import os
-import sys
 import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -30,7 +30,6 @@ import sqlite3
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from edge_inspect.sources import DEFAULT_IGNORE
 
@@ -339,14 +338,3 @@ def _check_heatmaps(folder: bytes, rows: list[dict], top: bytes, base: bytes) ->
             out.append(f"heatmap folder holds {show(name)}, which no row names (a leaked temporary file?)")
     return out
 
-
-def files_in(folder: PathLike) -> dict[bytes, bytes]:
-    """The regular files directly in ``folder`` (not hidden), path -> content: what a scenario dropped there."""
-    top = fs(folder)
-    found = {}
-    for name in os.listdir(top):
-        path = os.path.join(top, name)
-        if not name.startswith(b".") and stat.S_ISREG(os.lstat(path).st_mode):
-            with open(path, "rb") as handle:
-                found[path] = handle.read()
-    return found

@@ -12,7 +12,8 @@
   start must refuse, non-zero, before READY, naming ``edge-inspect ledger
   recover``.
 - The ledger read-only (mode 0444, the watcher without CAP_DAC_OVERRIDE so
-  that root obeys the mode too): start must refuse, naming the ledger,
+  that root obeys the mode too; or on a file system mounted read-only):
+  start must refuse, naming the ledger and saying it is not writable,
   rather than fail when the first part commits.
 - The disk full (a real tmpfs holding the folder, ledger, heatmaps and
   JSONL, filled to a seeded few KB): no verdict lost, and once space returns
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.mounts import tmpfs
 from tests.support.users import traversable
 from tests.torture.harness import (GONE_S, READY_S, Torture, describe_exit, judged, pending, scenario,
                                    sinks_pending)
@@ -212,33 +214,48 @@ def test_corrupt_ledger_refused_at_start(run):
     run.promise(folder, ledger, None, expected)
 
 
-@scenario(short=3)
-def test_read_only_ledger(run):
-    """A ledger of ``count`` verdicts made read-only (0444), one more part dropped, then a start without
-    CAP_DAC_OVERRIDE; then the mode restored and a clean run."""
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is missing: root cannot be made to obey a file's mode without it")
+@scenario(short=3, how=["mode", "mount"])
+def test_read_only_ledger(run, how):
+    """A ledger of ``count`` verdicts made read-only, one more part dropped, then a start; then the ledger
+    writable again and a clean run. ``mode``: the file's mode 0444, the watcher without CAP_DAC_OVERRIDE (root
+    obeys the mode too); ``mount``: the ledger (``--ledger``) on a tmpfs remounted read-only, as a file system
+    the kernel remounted after an error."""
     folder = run.folder()
-    ledger = run.ledger_of(folder)
+    args, prefix = ["--settle", "0.5"], []
+    if how == "mode":
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is missing: root cannot be made to obey a file's mode without it")
+        ledger, prefix = run.ledger_of(folder), NO_DAC_OVERRIDE
+    else:
+        card, make_read_only = run.enter(tmpfs(run.dir / "card", "4m"))
+        ledger = card / "ledger.sqlite"
+        args += ["--ledger", ledger]
     expected = drop_parts(run, folder, "part", run.count)
-    run.clean_run(folder, "--settle", "0.5", expect_rows=len(expected), context="building the ledger")
-    ledger.chmod(0o444)
+    run.clean_run(folder, *args, expect_rows=len(expected), ledger=ledger, context="building the ledger")
+    if how == "mode":
+        ledger.chmod(0o444)
+    else:
+        make_read_only()
     expected |= drop_parts(run, folder, "waiting", 1)
-    watch = run.watch(folder, "--settle", "0.5", ready=False, prefix=NO_DAC_OVERRIDE, name="read-only")
+    watch = run.watch(folder, *args, ready=False, prefix=prefix, name="read-only")
+    what = f"with its ledger read-only ({'mode 0444' if how == 'mode' else 'a read-only mount'})"
     started = time.monotonic()
     if watch.ready(GONE_S):
         code = watch.exited(GONE_S)
-        run.violations.append(f"with its ledger read-only the watcher started (READY=1) instead of refusing; "
-                              f"then {describe_exit(code)} ({time.monotonic() - started:.1f} s after start): "
+        run.violations.append(f"{what} the watcher started (READY=1) instead of refusing; then "
+                              f"{describe_exit(code)} ({time.monotonic() - started:.1f} s after start): "
                               f"{watch.tail(1)}")
     else:
-        code = watch.exited(1.0)
-        run.expect(code not in (None, 0) and str(ledger) in watch.output(),
-                   f"with its ledger read-only the watcher ended with {describe_exit(code)} without naming the "
-                   f"ledger {ledger}: {watch.tail(2)}")
+        code, said = watch.exited(1.0), watch.output()
+        run.expect(code not in (None, 0) and str(ledger) in said and ("writable" in said or "read-only" in said),
+                   f"{what} the watcher ended with {describe_exit(code)} without naming the ledger {ledger} as "
+                   f"not writable: {watch.tail(2)}")
     watch.close()
-    ledger.chmod(0o644)
-    run.clean_run(folder, "--settle", "0.5", expect_rows=len(expected))
+    if how == "mode":
+        ledger.chmod(0o644)
+    else:
+        subprocess.run(["mount", "-o", "remount,rw", str(card)], check=True, capture_output=True)
+    run.clean_run(folder, *args, expect_rows=len(expected), ledger=ledger)
     run.promise(folder, ledger, None, expected)
 
 
@@ -268,14 +285,7 @@ def test_disk_full(run, full):
     drop 1 to 4 parts, wait, give the space back, and expect every verdict and its sinks within SPACE_BACK_S (a
     watcher that exits is restarted once, and its exit must be non-zero and say why). The watcher is started
     with paths relative to the work folder; the final clean run, with absolute ones from elsewhere."""
-    disk = run.dir / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill ({mounted.stderr.strip() or mounted.returncode}); "
-                    "the disk-full scenario needs root and mount(8)")
-    run.cleanups.append(lambda: subprocess.run(["umount", "-l", str(disk)], check=True))
+    disk, _ = run.enter(tmpfs(run.dir / "disk", "4m"))
     heat, results = disk / "heat", disk / RESULTS
     place = disk if full == "everything" else run.dir
     folder, staging = place / "in", place / "staging"  # same file system: renames

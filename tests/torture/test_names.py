@@ -4,8 +4,8 @@ A name is 1 to 255 bytes, any but NUL and ``/``: newlines, quotes,
 backslashes, terminal escapes, rich markup, bytes that are not UTF-8,
 leading dashes, names of exactly 255 bytes. The fixed list below comes first
 in every run; seeded random names fill the count. ``deep`` puts the watched
-folder so deep that the longest names make paths a few bytes short of
-PATH_MAX (4096) once sorted into ``error/``.
+folder so deep that a 255-byte name sorted into ``error/`` makes a path of
+4095 bytes, the longest PATH_MAX (4096, with its NUL) allows.
 
 Names the watcher ignores by design (hidden, ``*.part``, ``*.tmp``,
 ``*.crdownload``, ``*~``) and the sort folders' own names are not drawn.

@@ -2,7 +2,10 @@
 
 - SIGTERM, SIGINT and SIGHUP at seeded times, half of them during start-up
   (before READY), half while a burst arrives: each must drain and exit 0,
-  and every part committed by then must have its sinks done.
+  and every part committed by then must have its sinks done. Start-up
+  begins once the interpreter itself has started (twice the time
+  ``python -c pass`` takes here): no program can catch a signal before its
+  interpreter runs any of its code.
 - kill -9 at seeded times during bursts, ``count`` times over the same
   folder, invoked alternately with relative paths (from the work folder) and
   absolute ones, as a service and an operator would: after a final clean
@@ -15,6 +18,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 from tests.runtime.test_watch_crash import feed
@@ -22,6 +27,17 @@ from tests.torture.harness import READY_S, ROOT, STOP_S, Torture, describe_exit,
 from tests.torture.promise import fs
 
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+
+
+def interpreter_start() -> float:
+    """Twice the longest of three starts of a bare interpreter here, in seconds: before that, a signal
+    finds no code of the program to catch it."""
+    times = []
+    for _ in range(3):
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        times.append(time.monotonic() - start)
+    return 2 * max(times)
 
 
 def stage(run: Torture, tag: str, n: int, ng_share: float = 0.4) -> tuple:
@@ -39,8 +55,10 @@ def stage(run: Torture, tag: str, n: int, ng_share: float = 0.4) -> tuple:
 @scenario(short=6)
 def test_signals_at_random_times(run):
     """``count`` trials on one folder, each a new watcher stopped by a seeded signal at a seeded time while
-    5 to 15 parts arrive; trials alternate between start-up (0 to 0.8 s after the process starts) and
+    5 to 15 parts arrive; trials alternate between start-up (0 to 0.8 s after the process starts, but not
+    before the interpreter has started: see :func:`interpreter_start`) and
     running (0 to 1.5 s after READY)."""
+    earliest = interpreter_start()
     folder, heat, results = run.folder(), run.dir / "heat", run.dir / "verdicts.jsonl"
     ledger = run.ledger_of(folder)
     args = ["--settle", "0.3", "--sort", "--heatmaps", heat, "--results", results]
@@ -54,7 +72,7 @@ def test_signals_at_random_times(run):
         watch = run.watch(folder, *args, ready=False, name=f"trial-{i}")
         if i % 2 == 0:
             writer = feed(staging, folder, pause=0.02)
-            time.sleep(run.rng.uniform(0.0, 0.8))
+            time.sleep(max(earliest, run.rng.uniform(0.0, 0.8)))
         else:
             if not watch.ready(READY_S):
                 run.violations.append(f"trial {i + 1}: the watcher never reported READY "
