@@ -260,7 +260,7 @@ def ids_of(records: list[Record], ledger: Path) -> list[str]:
 
 def test_every_verdict_arrives_once_in_order_with_its_payload_and_the_cursor_ends_at_the_last_row(broker, tmp_path):
     ledger = tmp_path / "ledger.sqlite"
-    records = fill(ledger, 300)
+    records = fill(ledger, 500)  # a 500-part burst
     sub = Subscriber(broker.port, "edge-inspect/#")
     box = start_outbox(ledger, broker.port)
     try:
