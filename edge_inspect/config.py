@@ -432,7 +432,9 @@ def load_with_origins(path: str | os.PathLike | None = None, *, environ: Mapping
         key = ".".join(part.lower() for part in parts)
         if key.startswith("sources.") and len(parts) > 1:
             # Variables are upper case by custom: SOURCES__LINE2__ names the source line2 of the file if it has one.
-            known = {existing.lower(): existing for existing in data.get("sources", {})}
+            known = {existing.lower(): existing
+                     for existing in [*data.get("sources", {}),
+                                      *(k.split(".")[1] for k in (overrides or {}) if k.startswith("sources."))]}
             source = known.get(parts[1].lower(), parts[1])
             key = ".".join(["sources", source, *(p.lower() for p in parts[2:])])
         _set(data, key, _env_value(value))

@@ -48,7 +48,6 @@ from tests.torture.promise import check_promise, fs
 
 ROOT = Path(__file__).resolve().parents[2]
 WRITER = Path(__file__).with_name("writer.py")
-LAUNCHER = Path(__file__).with_name("launch.py")
 
 #: A watcher must report READY within this (seconds; a loaded CI machine is slow, today's start takes ~1 s).
 READY_S = 60.0
@@ -132,7 +131,7 @@ class WatchProcess:
 
     It runs the console script's entry point (``launch.console_script``);
     ``rescan`` runs it through ``launch.py`` as a script, which sets the hot folder's
-    safety rescan interval (no flag sets it). ``prefix`` comes before the
+    safety rescan interval (set through the environment: no flag sets it). ``prefix`` comes before the
     interpreter (``setpriv ...``). The output goes to ``log`` (a file: a
     full pipe would block the watcher).
     """
@@ -141,11 +140,12 @@ class WatchProcess:
         self.notify = NotifySocket()
         self.log = log
         self.started = time.monotonic()
-        entry = [str(LAUNCHER)] if rescan is not None else ["-c", console_script()]
+        entry = ["-c", console_script()]
         environment = {**os.environ, "NOTIFY_SOCKET": self.notify.address, "COLUMNS": "200",
                        "PYTHONPATH": str(ROOT), **(env or {})}
         if rescan is not None:
-            environment["TORTURE_RESCAN_S"] = str(rescan)
+            # The safety rescan is a configuration key of watch's one source (sources.watch.rescan).
+            environment["EDGE_INSPECT_SOURCES__WATCH__RESCAN"] = str(rescan)
         self.command = [*prefix, sys.executable, *entry, "watch", *args]
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(self.command, cwd=cwd, env=environment, stdout=out, stderr=out)
