@@ -48,3 +48,7 @@ class LedgerGoneError(InputError):
 
 class LedgerDamagedError(InputError):
     """The ledger file is an SQLite file that SQLite finds damaged (pages overwritten, truncated, ...)."""
+
+
+class DeliveryError(EdgeInspectError):
+    """A network sink's receiver (broker, PLC, webhook) did not take a verdict; the outbox retries it."""

@@ -49,7 +49,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_inspect.config import Mqtt
-from edge_inspect.errors import ConfigError, EdgeInspectError
+from edge_inspect.errors import ConfigError, DeliveryError
 from edge_inspect.outbox import Message
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ _paho_log = logging.getLogger(f"{__name__}.paho")
 _paho_log.addFilter(_PahoToDebug())
 
 
-class MqttError(EdgeInspectError):
+class MqttError(DeliveryError):
     """The broker cannot be reached, refused the connection, or did not acknowledge a message."""
 
 

@@ -45,7 +45,7 @@ from asyncua.crypto import security_policies, uacrypto
 from cryptography import x509
 
 from edge_inspect.config import OpcUa
-from edge_inspect.errors import ConfigError, EdgeInspectError
+from edge_inspect.errors import ConfigError, DeliveryError, EdgeInspectError
 from edge_inspect.outbox import Message
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class OpcUaSink:
         if not messages:
             return
         if self._loop is None:
-            raise EdgeInspectError("The OPC UA sink is not connected; open() it first.")
+            raise DeliveryError("The OPC UA sink is not connected; open() it first.")
         last = messages[-1]
         verdict = last.payload["verdict"]
         score = last.payload.get("score")
@@ -210,7 +210,7 @@ class _Loop:
             return future.result(timeout + 1.0)
         except TimeoutError:
             future.cancel()
-            raise EdgeInspectError(f"No answer within {timeout:g} s. Check that the server runs and is reachable, "
+            raise DeliveryError(f"No answer within {timeout:g} s. Check that the server runs and is reachable, "
                                    "or raise opcua.timeout.") from None
 
     def stop(self) -> None:
@@ -342,7 +342,7 @@ def _connect_error(config: OpcUa, exc: Exception) -> EdgeInspectError:
             fix = ("Trust this client's certificate on the server (move it from its rejected to its trusted list), "
                    "and check security_policy and security_mode against the server's endpoints.")
         else:
-            return EdgeInspectError(f"{endpoint} refused the connection ({said}). Check the server's state and its "
+            return DeliveryError(f"{endpoint} refused the connection ({said}). Check the server's state and its "
                                     "settings for clients.")
         return ConfigError(f"At '{key}': {endpoint} refused the connection ({said}). {fix}", key=key)
     text = str(exc) or type(exc).__name__
@@ -355,12 +355,12 @@ def _connect_error(config: OpcUa, exc: Exception) -> EdgeInspectError:
                            f"{config.server_certificate}. Copy the server's current certificate there, or check "
                            "that the endpoint is the right server.", key="opcua.server_certificate")
     if isinstance(exc, TimeoutError):
-        return EdgeInspectError(f"Cannot connect to {endpoint}: no answer within {config.timeout:g} s. Check that "
+        return DeliveryError(f"Cannot connect to {endpoint}: no answer within {config.timeout:g} s. Check that "
                                 "the server runs and is reachable, or raise opcua.timeout.")
     if isinstance(exc, OSError):
-        return EdgeInspectError(f"Cannot connect to {endpoint}: {exc.strerror or text}. Check that the server runs, "
+        return DeliveryError(f"Cannot connect to {endpoint}: {exc.strerror or text}. Check that the server runs, "
                                 "and the host and port of opcua.endpoint.")
-    return EdgeInspectError(f"Cannot connect to {endpoint}: {type(exc).__name__}: {text}.")
+    return DeliveryError(f"Cannot connect to {endpoint}: {type(exc).__name__}: {text}.")
 
 
 async def _disconnect(client) -> None:
@@ -502,15 +502,15 @@ async def _write(client, endpoint: str, batch) -> None:
         statuses = await client.uaclient.write(params)
     except ua.UaStatusCodeError as exc:
         status = ua.StatusCode(exc.code)
-        raise EdgeInspectError(f"{_shown(endpoint)} refused the write request ({status.name}: {status.doc}).") from exc
+        raise DeliveryError(f"{_shown(endpoint)} refused the write request ({status.name}: {status.doc}).") from exc
     except (OSError, ua.UaError) as exc:
-        raise EdgeInspectError(f"Lost the connection to {_shown(endpoint)} ({type(exc).__name__}: {exc}).") from exc
+        raise DeliveryError(f"Lost the connection to {_shown(endpoint)} ({type(exc).__name__}: {exc}).") from exc
     bad = [(target, status) for (target, _), status in zip(batch, statuses) if not status.is_good()]
     if len(statuses) != len(batch):
-        raise EdgeInspectError(f"{_shown(endpoint)} answered {len(statuses)} statuses to {len(batch)} writes.")
+        raise DeliveryError(f"{_shown(endpoint)} answered {len(statuses)} statuses to {len(batch)} writes.")
     if bad:
         said = "; ".join(f"nodes.{t.key} ({t.text}): {s.name}" for t, s in bad)
-        raise EdgeInspectError(f"{_shown(endpoint)} refused the write of {said}. Check the nodes' types and rights "
+        raise DeliveryError(f"{_shown(endpoint)} refused the write of {said}. Check the nodes' types and rights "
                                "(edge-inspect config check).")
 
 

@@ -40,7 +40,7 @@ import httpx
 
 from edge_inspect import __version__
 from edge_inspect.config import Webhook
-from edge_inspect.errors import ConfigError, EdgeInspectError
+from edge_inspect.errors import ConfigError, DeliveryError
 from edge_inspect.outbox import Message
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ RESERVED = ("idempotency-key", "content-length", "transfer-encoding", "host", "c
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
-class WebhookError(EdgeInspectError):
+class WebhookError(DeliveryError):
     """The receiver did not acknowledge a verdict: a status other than 2xx, a timeout, a network or TLS error.
 
     Messages end without a full stop: the outbox quotes them inside a sentence of its own.
