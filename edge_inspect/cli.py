@@ -764,7 +764,8 @@ def ledger_check(
 
         edge-inspect ledger check /srv/parts
     """
-    from edge_inspect.ledger import Ledger, check
+    from edge_inspect.ledger import Ledger
+    from edge_inspect.ledger_repair import check
 
     file = _ledger_path(path)
     problems = check(file)
@@ -798,7 +799,7 @@ def ledger_recover(
 
         edge-inspect ledger recover /srv/parts/.edge-inspect/ledger.sqlite
     """
-    from edge_inspect.ledger import recover
+    from edge_inspect.ledger_repair import recover
 
     report = recover(_ledger_path(path))
     console.print(f"Recovered ledger {report.path}: {report.salvaged} parts salvaged, {len(report.lost)} lost.",

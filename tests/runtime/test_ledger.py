@@ -23,13 +23,12 @@ from edge_inspect.ledger import (
     SCHEMA_VERSION,
     Ledger,
     Record,
-    check,
     file_identity,
     frame_identity,
     parse_since,
     path_columns,
-    recover,
 )
+from edge_inspect.ledger_repair import check, recover
 
 ROOT = Path(__file__).resolve().parents[2]
 
