@@ -59,6 +59,7 @@ What else the ledger guards against, each with an error that says what to do:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -430,6 +431,19 @@ _VIOLATIONS = ("SELECT id, CAST(kind AS BLOB), CAST(verdict AS BLOB) FROM parts 
                "WHERE kind NOT IN ('file', 'frame') OR verdict NOT IN ('ok', 'ng', 'error') LIMIT ?")
 
 
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection):
+    """One write transaction on a bare connection: committed at the end, rolled back if the body raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 class Ledger:
     """An open ledger file. Build one with :meth:`open`.
 
@@ -541,16 +555,10 @@ class Ledger:
 
     @staticmethod
     def _create_schema(conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(conn):
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     @staticmethod
     def _prepare_for_writing(conn: sqlite3.Connection, path: Path, version: int) -> None:
@@ -564,14 +572,8 @@ class Ledger:
                             "verdicts stay durable, readers may wait on the writer.", path, mode)
             conn.execute("PRAGMA synchronous=FULL")
             # Rewriting the header's user_version writes and syncs a page: the same path as a verdict's commit.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(conn):
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             if _is_damage(exc):
                 raise _damaged(path, [str(exc)]) from exc
@@ -583,8 +585,7 @@ class Ledger:
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(conn):
             # read again under the write lock: another process may have migrated the file meanwhile
             start = version = conn.execute("PRAGMA user_version").fetchone()[0]
             while version < SCHEMA_VERSION:
@@ -592,11 +593,6 @@ class Ledger:
                     conn.execute(statement)
                 version += 1
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         if start < SCHEMA_VERSION:
             log.info("Ledger %s: schema upgraded from version %d to %d.", path, start, SCHEMA_VERSION)
 

@@ -33,6 +33,7 @@ from edge_inspect.ledger import (
     _open_error,
     _sqlite_check,
 )
+from edge_inspect.sinks.base import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -358,19 +359,6 @@ def _swap_in(path: Path, temp: Path) -> Path:
         raise InputError(f"Cannot put the recovered ledger in place of {path} ({exc.strerror or exc}). The new "
                          f"ledger is {temp}; the damaged one is {damaged if not os.path.exists(path) else path}. "
                          f"Make {path.parent} writable and run edge-inspect ledger recover again.") from exc
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     log.debug("Ledger %s: damaged file kept as %s (hard link: %s).", path, damaged, linked)
     return damaged
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a folder; the renames themselves happened
-        pass
-    finally:
-        os.close(fd)

@@ -39,6 +39,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -245,9 +246,9 @@ class SourceRunner:
             started.start()
             try:
                 run = watcher.run()
-            finally:
+            finally:  # a failed run's verdicts count too: the source's summary adds up its runs
                 self.summary = _add(self.summary, getattr(watcher, "_counts", {}))
-            self.summary = Summary(**{**self.summary.__dict__, "replayed": run.replayed, "seconds": run.seconds})
+            self.summary = replace(self.summary, replayed=run.replayed, seconds=run.seconds)
 
     def _mark_attempted(self, watcher: Watcher) -> None:
         while not watcher.ready.wait(_TICK):
@@ -308,10 +309,8 @@ class SourceRunner:
 
 
 def _add(summary: Summary, counts: Mapping[str, int]) -> Summary:
-    return Summary(ok=summary.ok + counts.get("ok", 0), ng=summary.ng + counts.get("ng", 0),
-                   error=summary.error + counts.get("error", 0),
-                   duplicates=summary.duplicates + counts.get("duplicates", 0),
-                   replayed=summary.replayed, seconds=summary.seconds)
+    return replace(summary, **{kind: getattr(summary, kind) + counts.get(kind, 0)
+                               for kind in ("ok", "ng", "error", "duplicates")})
 
 
 def writes_to(source: FolderSource | CameraSource) -> list[Path]:
@@ -570,8 +569,6 @@ class Service:
         log.info("Health and metrics on http://%s:%d/healthz and /metrics", self.config.http.address, self.http.port)
 
     def live(self) -> dict:
-        from dataclasses import replace
-
         from edge_inspect.metrics import DeliveryLive
 
         now = time.monotonic()

@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import queue
+import random
 import stat
 import threading
 import time
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 #: The order sinks run in: the JSON line last, so that it names the sorted file and its heatmap.
 SINK_ORDER = ("sort", "heatmaps", "jsonl")
+#: The sinks whose results a sink writes down: it runs for a row only once they are done with it.
+_WAITS_FOR = {"sort": set(), "heatmaps": set(), "jsonl": {"sort", "heatmaps"}}
 _END = object()
 _TICK = 0.5
 #: First and longest wait before a failed sink is tried again while running.
@@ -164,7 +167,7 @@ class Watcher:
             uncompressed 16-bit RGBA image, plus 1 MiB).
         systemd: tell systemd READY, WATCHDOG and STOPPING itself (a lone
             watcher); a service of several watchers does it for them, from
-            :attr:`ready` and :attr:`progress_at`.
+            :attr:`ready` and :attr:`committed_mono`.
         observer: told of each committed batch (``committed(records)``)
             and each model run (``inferred(batch_size, seconds)``): metrics.
         disk_guard: ``guard(folder) -> reason | None``; while it gives a
@@ -198,13 +201,9 @@ class Watcher:
         self.disk_guard = disk_guard
         #: Set once the pending sinks are replayed and the pipeline runs.
         self.ready = threading.Event()
-        #: ``time.monotonic()`` of the last real progress: a commit, or an idle turn of a healthy pipeline.
-        self.progress_at = time.monotonic()
         #: ``time.monotonic()`` of the last commit (or of the start).
         self.committed_mono = time.monotonic()
-        #: Why sorting and heatmaps are paused, while they are.
-        self.paused: str | None = None
-        self._paused_by: dict[str, str | None] = {}
+        self._paused_by: dict[str, str | None] = {}  # sink -> the low-disk guard's reason, at its last batch
         depth = 4 * inspector.batch_size
         self._items: queue.Queue = queue.Queue(depth)
         self._parts: queue.Queue = queue.Queue(depth)
@@ -451,9 +450,8 @@ class Watcher:
     # --------------------------------------------------------------- commit
 
     def _ping(self) -> None:
-        """Progress: WATCHDOG=1 at most once a second (systemd's watchdog timeouts are seconds or more)."""
+        """WATCHDOG=1, at most once a second (systemd's watchdog timeouts are seconds or more)."""
         now = time.monotonic()
-        self.progress_at = now
         if self.systemd and now - self._last_ping >= 1.0:
             self._last_ping = now
             notify.watchdog()
@@ -539,10 +537,8 @@ class Watcher:
         errors: dict[int, list[str]] = {r.id: [] for r in records}
         by_id = {r.id: r for r in records}
         for sink in self.sinks:
-            mine = [by_id[i] for i in by_id if sink.name in pending[i]]
-            if sink.name == "jsonl":
-                # The JSON line names where the file went and its overlay: it waits for those sinks.
-                mine = [r for r in mine if not pending[r.id] & {"sort", "heatmaps"}]
+            # A row waits for the sinks whose outputs this one records (the JSON line names the file and overlay).
+            mine = [by_id[i] for i in by_id if sink.name in pending[i] and not pending[i] & _WAITS_FOR[sink.name]]
             if not mine:
                 continue
             failures = getattr(sink, "failures", None)
@@ -561,11 +557,10 @@ class Watcher:
                 pending[row_id].discard(sink.name)
                 columns[row_id].update(values)
                 by_id[row_id] = replace(by_id[row_id], **values)
-            failed = [r for r in mine if r.id not in updates]
-            for record in failed:
-                reason = cause or (failures or {}).get(record.id) or "not done"
-                errors[record.id].append(f"{sink.name}: {reason}")
-            self._outage(sink.name, mine, failed, cause)
+            reasons = {r.id: cause or (failures or {}).get(r.id) or "not done" for r in mine if r.id not in updates}
+            for row_id, reason in reasons.items():
+                errors[row_id].append(f"{sink.name}: {reason}")
+            self._outage(sink.name, len(mine), reasons, whole=cause is not None)
         left = {i for i in pending if pending[i]}
         self.ledger.finish_sinks({i: {**columns[i], "sinks_pending": " ".join(sorted(pending[i])),
                                       "sink_error": "; ".join(errors[i]) or None} for i in columns})
@@ -575,33 +570,36 @@ class Watcher:
                 self._retry_at = time.monotonic() + self._retry_delay
         return left
 
-    def _outage(self, name: str, tried: list[Record], failed: list[Record], cause: str | None) -> None:
-        """Log a sink's outage once when it starts and once when it ends, not once per part."""
-        if failed and (cause is not None or len(failed) == len(tried)):
+    def _outage(self, name: str, tried: int, reasons: dict[int, str], *, whole: bool) -> None:
+        """Log a sink's outage once when it starts and once when it ends, not once per part.
+
+        An outage: the sink failed as a whole (``whole``) or for every row it
+        was given. A row it leaves while doing others is said once per row.
+        """
+        if reasons and (whole or len(reasons) == tried):
             if name not in self._outages:
-                reason = cause or (getattr(self._sink(name), "failures", None) or {}).get(failed[0].id, "not done")
-                self._outages[name] = reason
+                self._outages[name] = reason = next(iter(reasons.values()))
                 log.error("Sink %s failed for %d part(s): %s. Their verdicts are safe in the ledger; the sink is "
-                          "retried while running, with backoff up to %.0f s.", name, len(failed), reason, RETRY_MAX_S)
+                          "retried while running, with backoff up to %.0f s.", name, len(reasons), reason, RETRY_MAX_S)
             return
-        if name in self._outages and len(failed) < len(tried):
+        if name in self._outages:
             log.info("Sink %s works again (it had failed: %s).", name, self._outages.pop(name))
-        for record in failed:  # a row this sink cannot do while it does others: said once per row
-            if (name, record.id) not in self._row_warned:
-                self._row_warned.add((name, record.id))
-                log.warning("Sink %s left row %d pending: %s", name, record.id,
-                            (getattr(self._sink(name), "failures", None) or {}).get(record.id, "not done"))
+        for row_id, reason in reasons.items():
+            if (name, row_id) not in self._row_warned:
+                self._row_warned.add((name, row_id))
+                log.warning("Sink %s left row %d pending: %s", name, row_id, reason)
 
     def _paused(self, sink) -> str | None:
         """The low-disk guard's reason to hold sorting and heatmaps back, or None (its outage is logged as a sink's)."""
         if self.disk_guard is None or sink.name not in ("sort", "heatmaps"):
             return None
         self._paused_by[sink.name] = reason = self.disk_guard(sink.folder)
-        self.paused = next((r for r in self._paused_by.values() if r is not None), None)
         return reason
 
-    def _sink(self, name: str):
-        return next(s for s in self.sinks if s.name == name)
+    @property
+    def paused(self) -> str | None:
+        """Why sorting and heatmaps are paused (low disk), while they are."""
+        return next((r for r in self._paused_by.values() if r is not None), None)
 
     def _retry_sinks(self) -> None:
         """Try the failed sinks again once their backoff has passed (on the commit thread, as every sink)."""
@@ -613,7 +611,7 @@ class Watcher:
         left = self._sink_rows(records, lambda sink, mine: sink.replay(mine, self.inspector)) if records else set()
         if left:
             self._retry_delay = min(RETRY_MAX_S, self._retry_delay * 2)
-            self._retry_at = time.monotonic() + self._retry_delay * (0.75 + 0.5 * _jitter())
+            self._retry_at = time.monotonic() + self._retry_delay * (0.75 + 0.5 * random.random())
         else:
             self._retry_delay = RETRY_FIRST_S
 
@@ -640,12 +638,6 @@ class Watcher:
             log.info("Replaying the sinks of %d part(s) left pending by an interrupted run.", len(records))
         self._sink_rows(records, lambda sink, mine: sink.replay(mine, self.inspector))
         return len(records)
-
-
-def _jitter() -> float:
-    import random
-
-    return random.random()
 
 
 def printable(text: str) -> str:
