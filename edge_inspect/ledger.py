@@ -349,7 +349,7 @@ def _damaged(path: Path, problems: Sequence[str]) -> LedgerDamagedError:
 
 def _not_a_ledger(path: Path, said: sqlite3.Error | str) -> InputError:
     return InputError(f"{path} is not an edge-inspect ledger (SQLite says: {said}). Expected the ledger file "
-                      "edge-inspect watch writes; pass another --ledger path.")
+                      "edge-inspect watch writes; point the source's ledger setting at another file.")
 
 
 def _not_writable(path: Path, exc: sqlite3.Error | str) -> InputError:
@@ -357,7 +357,8 @@ def _not_writable(path: Path, exc: sqlite3.Error | str) -> InputError:
         f"Ledger {path} cannot be written (SQLite says: {exc}). The watcher commits every verdict there before "
         "acting on the part. Give the user running edge-inspect write access to the file (its mode and owner: "
         f"chmod, chown) and to its folder {path.parent} as well, since WAL mode creates {path.name}-wal and "
-        f"{path.name}-shm beside it; or pass another --ledger path. To only read it, use edge-inspect results.")
+        f"{path.name}-shm beside it; or point the source's ledger setting at another file. To only read it, use "
+        "edge-inspect results.")
 
 
 def _read_error(path: Path, exc: sqlite3.Error) -> EdgeInspectError:
@@ -507,12 +508,12 @@ class Ledger:
         if not path.exists():
             if not create:
                 raise InputError(f"No ledger at {path}. Expected the file edge-inspect watch writes; "
-                                 "check the path (--ledger, or the watched folder).")
+                                 "check the path (the ledger setting, or the watched folder).")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise InputError(f"Cannot create the folder of the ledger {path} ({exc.strerror or exc}); pass "
-                                 "another --ledger path, or make its folder writable.") from exc
+                raise InputError(f"Cannot create the folder of the ledger {path} ({exc.strerror or exc}); point the "
+                                 "ledger setting at another path, or make its folder writable.") from exc
         try:
             conn, uri = _connect(path, readonly)
         except sqlite3.Error as exc:
@@ -542,7 +543,7 @@ class Ledger:
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if version > SCHEMA_VERSION:
             raise InputError(f"Ledger {path} has schema version {version}; this edge-inspect reads up to version "
-                             f"{SCHEMA_VERSION}. Upgrade edge-inspect, or pass another --ledger path.")
+                             f"{SCHEMA_VERSION}. Upgrade edge-inspect, or point the ledger setting at another file.")
         if version >= 1 and "parts" in tables:
             return version
         if version == 0 and not tables:
@@ -551,7 +552,7 @@ class Ledger:
             Ledger._create_schema(conn)
             return SCHEMA_VERSION
         raise InputError(f"{path} is an SQLite file but not an edge-inspect ledger (user_version {version}, tables: "
-                         f"{', '.join(sorted(tables)) or 'none'}). Pass another --ledger path.")
+                         f"{', '.join(sorted(tables)) or 'none'}). Point the ledger setting at another file.")
 
     @staticmethod
     def _create_schema(conn: sqlite3.Connection) -> None:
@@ -579,8 +580,8 @@ class Ledger:
                 raise _damaged(path, [str(exc)]) from exc
             if _code(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED):
                 raise InputError(f"Ledger {path} stayed locked by another process writing to it (SQLite says: {exc}"
-                                 "). Is another edge-inspect watch using it? Stop that one, or pass another --ledger "
-                                 "path; edge-inspect results can read it meanwhile.") from exc
+                                 "). Is another edge-inspect watch using it? Stop that one, or point the ledger setting "
+                                 "at another file; edge-inspect results can read it meanwhile.") from exc
             raise _not_writable(path, exc) from exc
 
     @staticmethod

@@ -83,7 +83,7 @@ class HeatmapSink:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"Cannot create the heatmap folder {self.folder} ({exc.strerror or exc}); "
-                             "check the path given to --heatmaps.") from exc
+                             "check the heatmaps folder setting (sinks.heatmaps).") from exc
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:

@@ -64,7 +64,7 @@ class SortSink:
                 (self.folder / verdict).mkdir(exist_ok=True)
         except OSError as exc:
             raise InputError(f"Cannot create the sort folders in {self.folder} ({exc.strerror or exc}); "
-                             "check that the folder is writable, or run without --sort.") from exc
+                             "check that the folder is writable, or turn sorting off (sinks.sort).") from exc
 
     @property
     def folders(self) -> list[Path]:

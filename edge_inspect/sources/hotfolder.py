@@ -366,7 +366,7 @@ class HotFolder:
             if not sys.platform.startswith("linux"):
                 raise SourceError(
                     f"Hot folder {self.folder}: event mode needs Linux inotify (close-after-write events), "
-                    f"and this is {sys.platform}. Poll the folder instead (poll=SECONDS, --poll on the CLI)."
+                    f"and this is {sys.platform}. Poll the folder instead (the poll setting, in seconds)."
                 )
             from watchdog.observers.inotify import InotifyObserver
 
@@ -385,7 +385,7 @@ class HotFolder:
                     observer.join(timeout=5.0)
                 raise SourceError(
                     f"Cannot watch {self.folder} for new files: {exc}. If inotify limits are reached, raise "
-                    "fs.inotify.max_user_watches / max_user_instances (sysctl), or poll the folder (--poll SECONDS)."
+                    "fs.inotify.max_user_watches / max_user_instances (sysctl), or poll the folder (the poll setting, in seconds)."
                 ) from exc
             self._observer = observer
 
