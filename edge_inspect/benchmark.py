@@ -74,6 +74,17 @@ class BenchReport:
     threads: int
     rows: list[BenchRow] = field(default_factory=list)
 
+    @property
+    def warning(self) -> str | None:
+        """What an AUC-ROC near or below chance means and what to try (the lowest precision's); else None."""
+        from edge_inspect.calibrate import weak_auc_warning
+
+        measured = [row for row in self.rows if row.auc_roc is not None]
+        if not measured:
+            return None
+        worst = min(measured, key=lambda row: row.auc_roc)
+        return weak_auc_warning(worst.auc_roc, worst.criterion, f"{worst.images} images ({worst.precision})")
+
 
 def labelled_images(data: str | os.PathLike) -> tuple[list[Path], np.ndarray | None]:
     """The image files under ``data`` and their labels (1 = anomalous), or None when unlabelled.

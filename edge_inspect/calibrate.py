@@ -61,6 +61,7 @@ from typing import Sequence
 import numpy as np
 
 from edge_inspect.errors import ConfigError, InputError, ModelCardError
+from edge_inspect.numbers import metric
 
 SCHEMA = 1
 POLARITIES = ("high", "low", "two-sided")
@@ -92,9 +93,50 @@ DEFAULT_POLARITY = {
 #: Few-shot: share of anomalous scores on one side of the normal median
 #: needed to call a criterion one-sided.
 ONE_SIDED_SHARE = 0.9
+#: Below this AUC-ROC a criterion barely tells defects from good parts (0.5 is chance).
+WEAK_AUC = 0.6
 
 _MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): MAD of a normal = 0.6745 sigma
 _MEAN_AD_TO_SIGMA = 1.2533  # sqrt(pi / 2): mean |x - mu| of a normal = 0.7979 sigma
+
+
+def check_settings(
+    rule: str,
+    false_alarm_rate: float,
+    k: float,
+    default_criterion: str | None,
+    names: Sequence[str],
+) -> None:
+    """Check a threshold rule, its parameter and a default criterion, before any image is scored.
+
+    :func:`calibrate` calls it; the training commands call it first, so a
+    typo fails before TensorFlow loads.
+
+    Args:
+        rule, false_alarm_rate, k, default_criterion: as for :func:`calibrate`.
+        names: the criterion names ``default_criterion`` must be one of.
+
+    Raises:
+        ConfigError: unknown rule or criterion (with the closest name, if
+            any); false_alarm_rate outside (0, 0.5); k not > 0.
+    """
+    if rule not in RULES:
+        raise ConfigError(f"Unknown threshold rule {rule!r}. Expected one of: {', '.join(RULES)}.")
+    if rule == "quantile" and not 0.0 < false_alarm_rate < 0.5:
+        raise ConfigError(
+            f"false_alarm_rate must be in (0, 0.5), found {false_alarm_rate!r}; "
+            "0.05 flags 5 % of normal parts."
+        )
+    if rule == "mad" and not (math.isfinite(k) and k > 0):
+        raise ConfigError(f"k must be a finite number > 0, found {k!r}; 3 is usual.")
+    if default_criterion is not None and default_criterion not in names:
+        import difflib
+
+        close = difflib.get_close_matches(default_criterion, names, n=1)
+        guess = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"Unknown default criterion {default_criterion!r}.{guess} Expected one of: {', '.join(names)}."
+        )
 
 
 def calibrate(
@@ -159,15 +201,7 @@ def calibrate(
     anomalous = None if anomalous_scores is None else _check_scores(anomalous_scores, names, "anomalous_scores")
     if anomalous is not None and anomalous.shape[0] == 0:
         raise InputError("anomalous_scores has no rows; pass None for label-free calibration.")
-    if rule not in RULES:
-        raise ConfigError(f"Unknown threshold rule {rule!r}. Expected one of: {', '.join(RULES)}.")
-    if rule == "quantile" and not 0.0 < false_alarm_rate < 0.5:
-        raise ConfigError(
-            f"false_alarm_rate must be in (0, 0.5), found {false_alarm_rate!r}; "
-            "0.05 flags 5 % of normal parts."
-        )
-    if rule == "mad" and not (math.isfinite(k) and k > 0):
-        raise ConfigError(f"k must be a finite number > 0, found {k!r}; 3 is usual.")
+    check_settings(rule, false_alarm_rate, k, default_criterion, names)
     for name, polarity in (polarities or {}).items():
         if name not in names:
             raise ConfigError(f"At 'polarities.{name}': unknown criterion. Expected one of: {', '.join(names)}.")
@@ -175,10 +209,6 @@ def calibrate(
             raise ConfigError(
                 f"At 'polarities.{name}': unknown polarity {polarity!r}. Expected one of: {', '.join(POLARITIES)}."
             )
-    if default_criterion is not None and default_criterion not in names:
-        raise ConfigError(
-            f"Unknown default criterion {default_criterion!r}. Expected one of: {', '.join(names)}."
-        )
 
     entries = {}
     for col, name in enumerate(names):
@@ -275,6 +305,65 @@ def auc(normal, anomalous) -> float:
     ranks = _average_ranks(np.concatenate([normal, anomalous]))
     u = ranks[n:].sum() - m * (m + 1) / 2.0
     return float(u / (n * m))
+
+
+def weak_auc_warning(auc_roc: float | None, criterion: str, measured_on: str = "") -> str | None:
+    """The warning in words for an AUC-ROC below :data:`WEAK_AUC`, else None.
+
+    The one text that ``evaluate``, ``export --anomalous``, ``benchmark`` and
+    few-shot ``calibrate`` print, so that they say the same thing.
+
+    Args:
+        auc_roc: the default criterion's AUC-ROC (None or NaN: nothing to say).
+        criterion: that criterion's name.
+        measured_on: what it was measured on, e.g. ``"16 normal, 16 defective images"``.
+
+    Returns:
+        What it means and what to try, or None when the AUC-ROC is not low.
+    """
+    if auc_roc is None or not math.isfinite(auc_roc) or auc_roc >= WEAK_AUC:
+        return None
+    on = f" on {measured_on}" if measured_on else ""
+    if auc_roc < 0.5:
+        meaning = ("worse than chance (0.5): the model scores these good parts as more abnormal than these defects; "
+                   "it does not tell the defects from good parts")
+    else:
+        meaning = "near chance (0.5): the model does not tell these defects from good parts"
+    return (
+        f"AUC-ROC of the default criterion {criterion} is {metric(auc_roc)}{on}, below {WEAK_AUC}: {meaning}. "
+        "Do not rely on its verdicts yet. Try: train longer (more --epochs) or the default model "
+        "(--model linear-ae); a larger --size, for small defects; another criterion with a higher AUC-ROC in the "
+        "table of edge-inspect evaluate (set it with edge-inspect calibrate RUN --criterion NAME); and check that "
+        "the normal and defective folders are not swapped."
+    )
+
+
+def default_choice(cal: dict, asked: bool = False) -> str | None:
+    """Why a few-shot calibration's default criterion is the default, in words; None label-free.
+
+    Few-shot picks the largest AUC-ROC of the defective images against the
+    held-out normals; on a tie, the first criterion in the calibration's
+    order wins (the order of the criteria table).
+
+    Args:
+        cal: a calibration from :func:`calibrate`.
+        asked: the default criterion was given (``default_criterion``), not picked.
+    """
+    if cal["mode"] != "few-shot":
+        return None
+    aucs = {name: entry["auc"] for name, entry in cal["criteria"].items()}
+    name = cal["default_criterion"]
+    ranked = sorted(aucs, key=lambda n: -aucs[n])  # stable: ties keep the calibration's order
+    on = f"{cal['n_anomalous']} defective against {cal['n_normal']} held-out normal images"
+    if asked:
+        return (f"Default criterion {name} (AUC-ROC {metric(aucs[name])}), as asked with --criterion; the highest "
+                f"AUC-ROC on {on} is {ranked[0]}'s ({metric(aucs[ranked[0]])}).")
+    tied = [n for n in ranked[1:] if aucs[n] == aucs[name]]
+    why = (f"tied with {', '.join(tied)}, it comes first in the table" if tied else
+           f"next is {ranked[1]} ({metric(aucs[ranked[1]])})" if len(ranked) > 1 else "the only criterion")
+    return (f"Default criterion {name}: the highest AUC-ROC ({metric(aucs[name])}) on {on}; {why}. Polarities and "
+            "AUC-ROCs come from these same few defects, so they flatter the model: confirm with edge-inspect "
+            "evaluate on other defective parts.")
 
 
 def save_calibration(cal: dict, path: str | os.PathLike) -> None:

@@ -50,6 +50,11 @@ PRECISIONS = tuple(MODEL_FILES)
 #: Graph input and output: ``(batch, height, width)`` float32 in [0, 1], the
 #: layout :func:`edge_inspect.preprocess.preprocess` produces and
 #: :func:`edge_inspect.kernels.criteria` consumes, so neither side copies.
+#: The model kinds a card may name: the default linear autoencoder and the paper's three.
+MODEL_KINDS = ("linear-ae", "conv-ae", "vae", "dilated-vae")
+#: A training run's model file: the linear-ae's bases, or a Keras model.
+RUN_MODEL_FILES = ("model.npz", "model.keras")
+
 INPUT_NAME = "image"
 OUTPUT_NAME = "reconstruction"
 LAYOUT = "NHW"
@@ -256,7 +261,7 @@ def load_card(folder: str | os.PathLike) -> ModelCard:
         )
     if not path.is_file():
         hint = " It looks like a training run folder; export it first: edge-inspect export " \
-               f"{folder} --out MODEL_DIR" if (folder / "model.keras").is_file() else ""
+               f"{folder} --out MODEL_DIR" if any((folder / f).is_file() for f in RUN_MODEL_FILES) else ""
         raise ModelCardError(f"'{folder}' is not a model folder: {CARD_FILE} is missing.{hint}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shlex
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,6 +25,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from edge_inspect import numbers
 from edge_inspect.errors import EdgeInspectError, MissingExtraError
 
 app = typer.Typer(
@@ -57,13 +60,21 @@ def handle_errors(command):
     return wrapper
 
 
+def _warn(text: str | None) -> None:
+    """Print ``Warning: ...`` on stderr, when there is something to say; the exit code is unchanged."""
+    if text:
+        err_console.print(f"[bold yellow]Warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 _TRAINING_MODULES = ("export", "tensorflow", "keras", "tf2onnx", "onnx", "sklearn", "matplotlib")
 
 
 def _require_training_side():
-    """Check that the training side is installed, or say which extra brings it.
+    """Check that the training side is installed, or say which extra brings it; quiet TensorFlow unless --debug.
 
     Only looks the modules up: the runtime's CLI imports none of them itself.
+    Every training command calls it first, then checks its arguments
+    (``export.preflight``) before anything loads TensorFlow.
     """
     import importlib.util
 
@@ -77,12 +88,26 @@ def _require_training_side():
                 f"This command needs the training extra ({name} is not installed). "
                 "Install it with: pip install 'edge-inspect[train]'"
             )
+    from export.preflight import quiet_tensorflow
+
+    quiet_tensorflow(debug=_state["debug"])
+
+
+def _show_version(value: bool) -> None:
+    """``--version``: what this install runs on, then exit. Imports the runtime only, never TensorFlow."""
+    if value:
+        from edge_inspect.about import about, lines
+
+        for line in lines(about()):
+            typer.echo(line)
+        raise typer.Exit()
 
 
 @app.callback()
 def _main(
     ctx: typer.Context,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks, debug logs and TensorFlow's own log lines (training commands).")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Show the versions of edge-inspect, ONNX Runtime (and its providers), Numba (and its threads) and Python, and exit.", is_eager=True, callback=_show_version)] = False,
 ) -> None:
     if ctx.invoked_subcommand not in ("watch", "serve"):
         from edge_inspect import signals
@@ -157,6 +182,7 @@ def train(
         edge-inspect train --model conv-ae --normal parts/ok --out runs/conv-ae
     """
     _require_training_side()
+    from export import preflight
     from export.train import TrainConfig
     from export.train import train as run_training
 
@@ -177,6 +203,7 @@ def train(
         augment=augment.value if augment else None,
         group_split=group_split,
     )
+    preflight.check_train(config, resume)
     try:
         result = run_training(config, resume=resume, progress=console.is_terminal)
     except KeyboardInterrupt:
@@ -196,19 +223,24 @@ def train(
         raise type(exc)(f"The model is trained and saved in {out}, but calibration failed: {exc}") from exc
 
     table = Table(title=f"Trained {model.value}", show_header=False)
-    table.add_row("run folder", str(result.run_dir))
     table.add_row("images", f"{result.n_train} training, {result.n_val} validation")
-    table.add_row("skipped files", f"{result.n_skipped}" + (f" (listed in {result.run_dir}/skipped.txt)" if result.n_skipped else ""))
+    table.add_row("skipped files", f"{result.n_skipped}" + (" (listed in skipped.txt)" if result.n_skipped else ""))
     if model is ModelKind.linear_ae:
-        table.add_row("fit", f"{components} components, closed form; validation loss {result.best_val_loss:.6g}")
+        table.add_row("fit", f"{components} components, closed form; validation loss {numbers.score(result.best_val_loss)}")
+        table.add_row("loss curve", "none: the linear model is fitted in closed form, in one step, so it has no "
+                                    "epochs (and no loss.png)")
     else:
         table.add_row("epochs", f"{result.epochs_run}" + (" (stopped early)" if result.stopped_early else ""))
-        table.add_row("best validation loss", f"{result.best_val_loss:.6g} at epoch {result.best_epoch}")
+        table.add_row("best validation loss", f"{numbers.score(result.best_val_loss)} at epoch {result.best_epoch}")
     table.add_row("wall time", f"{result.seconds:.1f} s")
     entry = cal["criteria"][cal["default_criterion"]]
-    table.add_row("threshold", f"{cal['default_criterion']} > {entry['threshold']:.6g} ({cal['mode']}, rule {cal['rule']}); "
-                  f"recalibrate with: edge-inspect calibrate {out}")
+    table.add_row("threshold", f"{numbers.score(entry['threshold'])} ({cal['mode']}, rule {cal['rule']}), criterion "
+                  f"{cal['default_criterion']}: {numbers.meaning(cal['default_criterion'], entry['polarity'], entry['center'])}"
+                  "; ng when score > threshold")
     console.print(table)
+    console.print(f"Run folder: {escape(str(result.run_dir))}", highlight=False, soft_wrap=True)
+    console.print(f"Recalibrate with: edge-inspect calibrate {escape(shlex.quote(str(out)))}", highlight=False,
+                  soft_wrap=True)
 
 
 class Rule(str, Enum):
@@ -244,24 +276,42 @@ def calibrate(
         edge-inspect calibrate runs/conv-ae --false-alarm-rate 0.02
     """
     _require_training_side()
+    from export import preflight
     from export.scoring import calibrate_run
 
+    preflight.check_calibrate(run_dir, rule=rule.value, false_alarm_rate=false_alarm_rate, k=k, criterion=criterion,
+                              anomalous=anomalous)
     bar, on_start, on_batch = _scoring_progress("Scoring held-out normals")
     with bar:
         cal = calibrate_run(run_dir, rule=rule.value, false_alarm_rate=false_alarm_rate, k=k,
                             anomalous_dir=anomalous, criterion=criterion, on_start=on_start, on_batch=on_batch)
-    _print_calibration(cal, run_dir)
+    _print_calibration(cal, run_dir, asked=criterion is not None)
+    from export.to_onnx import reexport_hint
+
+    console.print(reexport_hint(run_dir), highlight=False, soft_wrap=True)
 
 
-def _print_calibration(cal: dict, run_dir: Path) -> None:
-    table = Table(title=f"Calibration ({cal['mode']}, rule {cal['rule']}, {cal['n_normal']} normal images)")
-    for column in ("criterion", "polarity", "threshold", "normal median", "normal p99"):
+def _print_calibration(cal: dict, run_dir: Path, asked: bool = False) -> None:
+    from edge_inspect.calibrate import default_choice, weak_auc_warning
+
+    few_shot = cal["mode"] == "few-shot"
+    counted = f"{cal['n_normal']} normal, {cal['n_anomalous']} defective images" if few_shot else f"{cal['n_normal']} normal images"
+    table = Table(title=f"Calibration ({cal['mode']}, rule {cal['rule']}, {counted})")
+    columns = ("criterion", "polarity", "threshold", "median", "p99") + (("AUC-ROC",) if few_shot else ())
+    for column in columns:
         table.add_column(column, justify="left" if column in ("criterion", "polarity") else "right")
     for name, entry in cal["criteria"].items():
         q = entry["quantiles"]
-        mark = " (default)" if name == cal["default_criterion"] else ""
-        table.add_row(name + mark, entry["polarity"], f"{entry['threshold']:.6g}", f"{q.get('0.5', float('nan')):.6g}", f"{q.get('0.99', float('nan')):.6g}")
+        mark = " *" if name == cal["default_criterion"] else ""
+        table.add_row(name + mark, entry["polarity"], numbers.score(entry["threshold"]), numbers.score(q.get("0.5")),
+                      numbers.score(q.get("0.99")), *((numbers.metric(entry["auc"]),) if few_shot else ()))
     console.print(table)
+    console.print("* the default criterion. threshold: on the decision score, ng when over it: the criterion's value "
+                  "(polarity high), minus it (low), or its distance from the normal median (two-sided). median, p99: "
+                  "the criterion's values on the normal images.", highlight=False, soft_wrap=True)
+    if few_shot:
+        console.print(default_choice(cal, asked), highlight=False, soft_wrap=True)
+        _warn(weak_auc_warning(cal["criteria"][cal["default_criterion"]]["auc"], cal["default_criterion"], counted))
     console.print(f"Wrote {run_dir / 'calibration.json'}", soft_wrap=True)
 
 
@@ -280,13 +330,16 @@ def evaluate(
         edge-inspect evaluate runs/conv-ae --normal data/test/ok --anomalous data/test/def
     """
     _require_training_side()
+    from export import preflight
     from export.evaluate import METRIC_COLUMNS
     from export.evaluate import evaluate as run_evaluation
+
+    preflight.check_evaluate(run_dir, normal, anomalous, out)
 
     bar, on_start, on_batch = _scoring_progress("Scoring images")
     with bar:
         result = run_evaluation(run_dir, normal, anomalous, out_dir=out, on_start=on_start, on_batch=on_batch)
-    table = Table(title=f"{result.n_normal} normal, {result.n_anomalous} defective; chance AUC-PR {result.prevalence:.3f}; "
+    table = Table(title=f"{result.n_normal} normal, {result.n_anomalous} defective; chance AUC-PR {numbers.metric(result.prevalence)}; "
                         f"thresholds {result.calibration_mode}")
     headers = {"auc_roc": "AUC-ROC", "auc_pr": "AUC-PR", "f1": "F1", "accuracy": "acc", "false_alarm_rate": "FAR",
                "recall": "recall", "f1_oracle": "F1*", "accuracy_oracle": "acc*"}
@@ -296,10 +349,12 @@ def evaluate(
         table.add_column(headers[column], justify="right", no_wrap=True)
     for name, row in result.metrics.items():
         style = "bold" if name == result.default_criterion else None
-        table.add_row(name, *(f"{row[c]:.3f}" for c in shown), style=style)
+        table.add_row(name, *(numbers.metric(row[c]) for c in shown), style=style)
     console.print(table)
     console.print("FAR: false-alarm rate at the calibrated threshold. * oracle: best threshold on this set, chosen with its labels.")
-    console.print(f"Report: {(out or run_dir / 'eval') / 'report.md'}")
+    console.print(f"Report: {escape(str(result.report.resolve()))} (open it in a browser; report.md and the plots "
+                  "are beside it)", highlight=False, soft_wrap=True)
+    _warn(result.warning)
 
 
 class Precision(str, Enum):
@@ -322,33 +377,56 @@ def export_model(
     precision: Annotated[Optional[list[Precision]], typer.Option(help="Also write this precision (repeatable); fp32 is always written.")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (13 to 18).")] = 17,
     force: Annotated[bool, typer.Option("--force", help="Write fp16/int8 even if its verdicts agree with fp32 on fewer than 99% of images.")] = False,
-    anomalous: Annotated[Optional[Path], typer.Option(help="Defective images, to report the AUC change of fp16/int8.")] = None,
+    anomalous: Annotated[Optional[Path], typer.Option(help="Defective images, to report the AUC-ROC of fp32 and the AUC change of fp16/int8.")] = None,
+    default_precision: Annotated[Optional[Precision], typer.Option(help="The precision predict, watch and serve load unless told otherwise; one of those written. Default: fp32.")] = None,
 ) -> None:
     """Export a run to a model folder the lean runtime loads: ONNX graphs and the model card.
 
     Checks fp32 against Keras on the run's held-out images, and fp16/int8
-    against fp32. The folder is written whole or not at all.
+    against fp32. The folder is written whole or not at all; an earlier
+    export in it is kept beside it as a dated backup (NAME.YYYY-mm-ddTHHMMSS).
 
     Example:
 
-        edge-inspect export runs/conv-ae --out models/conv-ae --precision int8
+        edge-inspect export runs/conv-ae --out models/conv-ae --precision int8 --default-precision int8
     """
     _require_training_side()
+    from export import preflight
     from export.to_onnx import export_run
 
+    preflight.check_export(run_dir, precisions=[p.value for p in precision or []], opset=opset,
+                           default_precision=default_precision.value if default_precision else None, anomalous=anomalous)
     report = export_run(run_dir, out, precisions=[p.value for p in precision or []], opset=opset, force=force,
-                        anomalous_dir=anomalous)
-    table = Table(title=f"Exported {report.card['model']['kind']} to {report.out_dir} in {report.seconds:.1f} s")
-    for column in ("precision", "file", "MB", "checked against", "max |diff|", "verdicts agree", "AUC change"):
-        table.add_column(column, justify="left" if column in ("precision", "file", "checked against") else "right")
+                        anomalous_dir=anomalous, default_precision=default_precision.value if default_precision else None)
+    console.print(f"Exported {report.card['model']['kind']} to {escape(str(report.out_dir))} in {report.seconds:.1f} s:",
+                  highlight=False, soft_wrap=True)
+    table = Table()
+    for column in ("precision", "file", "MB", "checked\nagainst", "max\n|diff|", "verdicts\nagree", "AUC\nchange"):
+        # figures and file names never wrap (nor shrink to an ellipsis); the words of the other two do
+        table.add_column(column, justify="left" if column in ("precision", "file", "checked\nagainst") else "right",
+                         no_wrap=column not in ("checked\nagainst", "verdicts\nagree"))
     for name, entry in report.files.items():
         parity = entry["parity"]
-        agree = "identical" if name == "fp32" else f"{parity['verdict_agreement']:.1%}" + (" (forced)" if parity["forced"] else "")
+        agree = "all" if name == "fp32" else f"{parity['verdict_agreement']:.1%}" + (" (forced)" if parity["forced"] else "")
         auc = parity.get("auc")
-        table.add_row(name + (" (default)" if name == report.card["default_precision"] else ""), entry["file"],
+        table.add_row(name + (" *" if name == report.card["default_precision"] else ""), entry["file"],
                       f"{entry['bytes'] / 1e6:.2f}", f"{parity['reference']}, {parity['images']} images",
-                      f"{parity['max_abs_diff']:.2g}", agree, f"{auc['change']:+.4f}" if isinstance(auc, dict) else "-")
+                      f"{parity['max_abs_diff']:.2g}", agree,
+                      numbers.metric_change(auc["change"]) if isinstance(auc, dict) else numbers.MISSING)
     console.print(table)
+    default = report.card["default_precision"]
+    others = [p for p in report.files if p != default]
+    console.print(f"* Default precision: {default} (what predict, watch and serve load without --precision)"
+                  + (f"; make {' or '.join(others)} the default with --default-precision." if others else "."),
+                  highlight=False, soft_wrap=True)
+    if report.auc is not None:
+        console.print(f"AUC-ROC of fp32, criterion {report.auc['criterion']}: {numbers.metric(report.auc['fp32'])} on "
+                      f"{report.auc['normal']} held-out normal, {report.auc['anomalous']} defective images.",
+                      highlight=False, soft_wrap=True)
+    if report.backup is not None:
+        console.print(f"Kept the previous model folder as {report.backup}; remove it when no longer needed: "
+                      f"rm -r {shlex.quote(str(report.backup))}", highlight=False, soft_wrap=True)
+    _warn(report.warning)
 
 
 @app.command()
@@ -357,7 +435,8 @@ def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (read recursively).")],
     model: Annotated[Path, typer.Option(help="Model folder written by edge-inspect export.")],
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per image instead of a table.")] = False,
-    heatmaps: Annotated[Optional[Path], typer.Option(help="Write anomaly-map overlays (PNG) to this folder.")] = None,
+    heatmaps: Annotated[Optional[Path], typer.Option(help="Write an anomaly-map overlay (PNG) of each NG part to this folder.")] = None,
+    heatmaps_all: Annotated[bool, typer.Option("--heatmaps-all", help="Overlays of OK parts too (with --heatmaps).")] = False,
     criterion: Annotated[Optional[str], typer.Option(help="Decide with this criterion instead of the card's default.")] = None,
     precision: Annotated[Optional[Precision], typer.Option(help="Which graph of the folder to run (default: the card's).")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA if it loads, else CPU; cuda: fail unless CUDA runs.")] = Device.auto,
@@ -375,38 +454,88 @@ def predict(
     """
     import json
 
+    from edge_inspect.errors import ConfigError
     from edge_inspect.inspector import Inspector, write_heatmap
     from edge_inspect.sources.files import inspect_files
 
+    if heatmaps_all and heatmaps is None:
+        raise ConfigError("--heatmaps-all writes overlays of OK parts too, but no folder was given: add --heatmaps FOLDER.")
     inspector = Inspector.load(model, precision=precision.value if precision else None, device=device.value,
                                criterion=criterion, batch_size=batch_size, anomaly_map=heatmaps is not None)
-    table = Table(title=f"{model} ({inspector.precision} on {inspector.device}), criterion {inspector.criterion}")
-    for column in ("image", "verdict", "score", "threshold", "latency ms"):
-        table.add_column(column, justify="left" if column in ("image", "verdict") else "right")
+    about = {"model": os.path.abspath(model), "model_sha256": inspector.card.data["files"][inspector.precision]["sha256"],
+             "precision": inspector.precision}
     counts = {"ok": 0, "ng": 0, "error": 0}
     written: set[Path] = set()
+    shown: list = []
     for result, image in inspect_files(inspector, paths, keep_images=heatmaps is not None):
         counts[result.verdict] += 1
-        record = result.to_dict()
-        if heatmaps is not None and result.anomaly_map is not None:
+        record = {**result.to_dict(), **about, "inspected_at": numbers.timestamp(time.time())}
+        if heatmaps is not None and result.anomaly_map is not None and (result.verdict == "ng" or heatmaps_all):
             target = heatmaps / f"{Path(result.source).stem}.png"
             k = 2
             while target in written:
                 target, k = heatmaps / f"{Path(result.source).stem}-{k}.png", k + 1
-            written.add(write_heatmap(target, image, result.anomaly_map))
-            record["heatmap"] = str(target)
+            written.add(write_heatmap(target, image, result.anomaly_map, score=result.score,
+                                      threshold=result.threshold, verdict=result.verdict, criterion=result.criterion))
+            record["heatmap"] = os.path.abspath(target)
         if json_lines:
             typer.echo(json.dumps(record))
         else:
-            style = {"ok": "green", "ng": "bold red", "error": "yellow"}[result.verdict]
-            detail = result.error if result.verdict == "error" else f"{result.score:.6g}"
-            table.add_row(result.source, f"[{style}]{result.verdict}[/]", detail, f"{result.threshold:.6g}",
-                          f"{result.latency_ms:.1f}")
+            shown.append(result)
     if not json_lines:
-        console.print(table)
+        _print_predictions(shown, inspector, about["model"])
     err_console.print(f"{counts['ok']} ok, {counts['ng']} ng, {counts['error']} error", highlight=False)
     if counts["error"]:
         raise typer.Exit(1)
+
+
+def _print_predictions(results: list, inspector, model: str) -> None:
+    """The table of ``predict``: whole paths and figures within the console's width, and what the score means."""
+    entry = inspector.entry
+    console.print(f"Model {escape(model)} ({inspector.precision} on {inspector.device}), criterion "
+                  f"{inspector.criterion}: {numbers.meaning(inspector.criterion, entry['polarity'], entry.get('center'))}"
+                  "; ng when score > threshold.", highlight=False, soft_wrap=True)
+    raw = entry["polarity"] != "high"  # the criterion's own value is not the score: show both
+    cells = []
+    for r in results:
+        score, threshold = numbers.score_pair(r.score, r.threshold)
+        value = [numbers.score(r.criteria.get(r.criterion))] if raw else []
+        cells.append([r.verdict, score, *value, threshold, f"{r.latency_ms:.1f}"])
+    headers = ["verdict", "score", *([inspector.criterion] if raw else []), "threshold", "ms"]
+    folder, names = _relative_names([r.source for r in results])
+    listed = max(map(len, names), default=0) > max(_room([max([len(h), *(len(c[i]) for c in cells)])
+                                                          for i, h in enumerate(headers)]), 5)
+    notes = [f"#{i} {n}" for i, n in enumerate(names, 1)] if listed else []
+    if listed:  # a name would not fit whole: number the rows, and list the names after the table
+        names = [f"#{i}" for i in range(1, len(names) + 1)]
+    console.print(f"Images in {escape(folder)}:", highlight=False, soft_wrap=True)
+    table = Table()
+    table.add_column("image", overflow="fold")
+    for header in headers:
+        table.add_column(escape(header), justify="left" if header == "verdict" else "right", no_wrap=True)
+    style = {"ok": "green", "ng": "bold red", "error": "yellow"}
+    for name, row in zip(names, cells):
+        table.add_row(escape(name), f"[{style[row[0]]}]{row[0]}[/]", *row[1:])
+    console.print(table)
+    for note in notes:
+        console.print(escape(note), highlight=False, soft_wrap=True)
+    for r in results:
+        if r.verdict == "error":
+            reason = (r.error or "").removeprefix(f"{r.source}: ")
+            console.print(f"[yellow]error[/] {escape(r.source)}: {escape(reason)}", highlight=False, soft_wrap=True)
+
+
+def _relative_names(paths: list[str]) -> tuple[str, list[str]]:
+    """``(folder, names)``: the paths' common folder, and each path relative to it."""
+    if not paths:
+        return os.getcwd(), []
+    folder = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return folder, [os.path.relpath(os.path.abspath(p), folder) for p in paths]
+
+
+def _room(widths: list[int]) -> int:
+    """Characters left for one more column of a rich table beside columns of these widths."""
+    return console.width - sum(widths) - 3 * (len(widths) + 1) - 1
 
 
 @app.command(name="benchmark")
@@ -431,43 +560,63 @@ def benchmark_model(
 
     report = run_benchmark(model, data=data, device=device.value, batch_size=batch_size, threads=threads, limit=limit)
     device_name = report.rows[0].device if report.rows else device.value
-    table = Table(title=f"{report.model_dir} on {device_name}, {report.threads} threads: {report.data}")
-    columns = ("precision", "1 image ms\np50 / p95", f"batch {batch_size} ms/img\np50 / p95", "images/s",
-               "speed", "peak RSS MiB\n(model)", "AUC-ROC")
+    console.print(f"Model {escape(str(report.model_dir))} on {device_name}, {report.threads} threads: "
+                  f"{escape(str(report.data))}", highlight=False, soft_wrap=True)
+    table = Table()
+    columns = ("precision", "1 image ms\np50/p95", f"batch {batch_size}\nms/img\np50/p95", "images/s",
+               "speed", "peak MiB\n(model)", "AUC-ROC")
     for column in columns:
-        table.add_column(column, justify="left" if column == "precision" else "right")
+        table.add_column(column, justify="left" if column == "precision" else "right",
+                         no_wrap=column != "peak MiB\n(model)")  # figures never shrink to an ellipsis
     base = report.rows[0].images_per_s if report.rows else 1.0
     for row in report.rows:
-        table.add_row(row.precision, f"{row.single_p50_ms:.2f} / {row.single_p95_ms:.2f}",
-                      f"{row.batch_p50_ms:.2f} / {row.batch_p95_ms:.2f}", f"{row.images_per_s:.1f}",
+        table.add_row(row.precision, f"{row.single_p50_ms:.2f}/{row.single_p95_ms:.2f}",
+                      f"{row.batch_p50_ms:.2f}/{row.batch_p95_ms:.2f}", f"{row.images_per_s:.1f}",
                       f"{row.images_per_s / base:.2f}x", f"{row.peak_rss_mib:.0f} (+{row.model_rss_mib:.0f})",
-                      f"{row.auc_roc:.4f}" if row.auc_roc is not None else "-")
+                      numbers.metric(row.auc_roc))
     console.print(table)
     if report.rows:
         console.print(f"AUC of criterion {report.rows[0].criterion} on {report.rows[0].images} images" if report.labelled
                       else "No labelled data (--data DIR with ok/ and ng/ subfolders): no AUC.")
+    _warn(report.warning)
 
 
 @app.command()
 @handle_errors
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's images and run.")] = Path("demo"),
-    count: Annotated[int, typer.Option(help="Normal synthetic parts to generate.")] = 300,
-    size: Annotated[int, typer.Option(help="Image and model size in pixels.")] = 64,
+    out: Annotated[Path, typer.Option(help="Folder for the demo's images, run, model and line.")] = Path("demo"),
+    count: Annotated[int, typer.Option(help="Normal synthetic parts to generate (50 or more).")] = 300,
+    size: Annotated[int, typer.Option(help="Image and model size in pixels (16 or more).")] = 64,
     model: Annotated[ModelKind, typer.Option(help="Which model to train.")] = ModelKind.linear_ae,
     components: Annotated[int, typer.Option(help="Principal components of the linear-ae.")] = 256,
     epochs: Annotated[int, typer.Option(help="Training epochs of a deep model.")] = 8,
+    rate: Annotated[float, typer.Option(help="Parts per second dropped into the line's hot folder.")] = 10.0,
+    line: Annotated[bool, typer.Option("--line/--no-line", help="After export, run the line: watch a hot folder fed the test parts like a camera.")] = True,
 ) -> None:
-    """Run the main job end to end on synthetic parts: generate, train, calibrate, evaluate.
+    """Run the main job end to end on synthetic parts: generate, train, calibrate, evaluate, export, watch.
+
+    The last step starts edge-inspect watch on a hot folder in the demo
+    folder, drops the test parts into it at --rate parts per second, shows
+    each verdict as it is committed, and stops the watcher as a service
+    manager would (SIGTERM: the parts in hand are finished, exit 0).
 
     Example:
 
         edge-inspect demo --out demo
     """
-    from edge_inspect.synthetic import write_parts
-
+    _require_training_side()
     if out.exists() and any(out.iterdir()):
         raise EdgeInspectError(f"Demo folder '{out}' already holds files. Remove it or pass another --out.")
+    checks = {"--count": (count, count >= DEMO_MIN_COUNT, f"{DEMO_MIN_COUNT} or more, so that calibration holds "
+                                                          "out 10 normal parts"),
+              "--size": (size, size >= 16, "16 pixels or more"), "--components": (components, components >= 1, "1 or more"),
+              "--epochs": (epochs, epochs >= 1, "1 or more"),
+              "--rate": (rate, 0 < rate <= 1000, "more than 0 and at most 1000 parts per second, e.g. 10")}
+    for flag, (value, ok, expected) in checks.items():
+        if not ok:
+            raise EdgeInspectError(f"{flag}: {value!r} is out of range; expected {expected}.")
+    from edge_inspect.synthetic import write_parts
+
     parts = out / "parts"
     write_parts(parts / "ok", count, size=size, seed=0)
     write_parts(parts / "test" / "ok", max(count // 5, 10), size=size, seed=1)
@@ -483,20 +632,101 @@ def demo(
     model_dir = out / "models" / model.value
     export_model(run_dir=run, out=model_dir, precision=None, opset=17, force=False, anomalous=None)
 
-    from edge_inspect.inspector import Inspector
-    from edge_inspect.sources.files import inspect_files
+    tests = {"ok": parts / "test" / "ok", "ng": parts / "test" / "ng"}
+    if line:
+        _demo_line(model_dir, tests, out / "line", rate)
+    else:
+        from edge_inspect.inspector import Inspector
+        from edge_inspect.sources.files import inspect_files
 
-    inspector = Inspector.load(model_dir)
-    table = Table(title=f"Lean runtime on the test parts ({inspector.precision}, {inspector.device}, {inspector.criterion})")
-    for column in ("folder", "ok", "ng", "error"):
-        table.add_column(column, justify="left" if column == "folder" else "right")
-    for label in ("ok", "ng"):
-        counts = {"ok": 0, "ng": 0, "error": 0}
-        for result, _ in inspect_files(inspector, [parts / "test" / label]):
-            counts[result.verdict] += 1
-        table.add_row(f"test/{label}", *(str(counts[v]) for v in ("ok", "ng", "error")))
-    console.print(table)
-    console.print(f"Inspect your own images with: edge-inspect predict --model {model_dir} PATH...")
+        inspector = Inspector.load(model_dir)
+        counts = {label: {"ok": 0, "ng": 0, "error": 0} for label in tests}
+        for label, folder in tests.items():
+            for result, _ in inspect_files(inspector, [folder]):
+                counts[label][result.verdict] += 1
+        console.print(_demo_counts(f"The lean runtime on the test parts ({inspector.precision}, {inspector.device}, "
+                                   f"{inspector.criterion})", counts))
+    console.print(f"Inspect your own images with: edge-inspect predict --model {escape(str(model_dir))} PATH...",
+                  highlight=False, soft_wrap=True)
+    report = (run / "eval" / "report.html").resolve()
+    console.print(f"Report: {escape(str(report))} (open it in a browser)", highlight=False, soft_wrap=True)
+
+
+#: The demo's least --count: a fifth is held out, and calibration needs 10 normal parts.
+DEMO_MIN_COUNT = 50
+_VERDICT_STYLE = {"ok": "green", "ng": "bold red", "error": "yellow"}
+
+
+def _demo_counts(title: str, counts: dict[str, dict[str, int]]) -> Table:
+    """Verdicts per true label: a row per label, a column per verdict."""
+    table = Table(title=title)
+    table.add_column("true label")
+    for verdict in ("ok", "ng", "error"):
+        table.add_column(verdict, justify="right")
+    for label, row in counts.items():
+        table.add_row(f"{label} parts", *(str(row[v]) for v in ("ok", "ng", "error")))
+    return table
+
+
+def _demo_line(model_dir: Path, tests: dict[str, Path], folder: Path, rate: float) -> None:
+    """Run the demo's line (edge_inspect.demo) and show each verdict as it commits: a live table on a terminal."""
+    from edge_inspect.card import load_card
+    from edge_inspect.demo import Line, plan
+
+    drops = plan(tests)
+    the_line = Line(model_dir, folder, drops, rate)
+    card = load_card(model_dir)
+    criterion = card.default_criterion
+    entry = card.calibration["criteria"][criterion]
+    console.print(f"The line: edge-inspect watch on {escape(str(the_line.hot))}, fed {len(drops)} test parts at "
+                  f"{rate:g} per second.", highlight=False, soft_wrap=True)
+    console.print(f"Criterion {criterion}: {numbers.meaning(criterion, entry['polarity'], entry.get('center'))}; "
+                  f"ng when score > {numbers.score(entry['threshold'])}. ms: from the part's arrival to its "
+                  "committed verdict.", highlight=False, soft_wrap=True)
+    counts = {label: {"ok": 0, "ng": 0, "error": 0} for label in tests}
+    rows: list[list[str]] = []
+    width = max(len(d.name) for d in drops)
+    headers = ["part", "true", "verdict", "score", "ms"]
+
+    def cells(drop, record) -> list[str]:
+        return [drop.name, drop.label, record.verdict, numbers.score_pair(record.score, record.threshold)[0],
+                f"{record.latency_ms:.0f}"]
+
+    def view() -> Table:
+        table = Table(title=f"{len(rows)} of {len(drops)} parts inspected")
+        for header in headers:
+            table.add_column(header, justify="right" if header in ("score", "ms") else "left", no_wrap=True)
+        for row in rows[-max(5, console.size.height - 12):]:
+            table.add_row(row[0], row[1], f"[{_VERDICT_STYLE[row[2]]}]{row[2]}[/]", *row[3:])
+        return table
+
+    if console.is_terminal:
+        from rich.live import Live
+
+        with Live(view(), console=console, refresh_per_second=8) as live:
+            for drop, record in the_line.run():
+                counts[drop.label][record.verdict] += 1
+                rows.append(cells(drop, record))
+                live.update(view())
+    else:
+        line_format = f"{{:<{width}}}  {{:<4}}  {{:<7}}  {{:>10}}  {{:>6}}"
+        console.print(line_format.format(*headers), highlight=False, markup=False)
+        for drop, record in the_line.run():
+            counts[drop.label][record.verdict] += 1
+            rows.append(cells(drop, record))
+            console.print(line_format.format(*rows[-1]), highlight=False, markup=False)
+    console.print(f"The watcher stopped cleanly (SIGTERM, exit {the_line.exit_code}) after {len(rows)} parts"
+                  + (", each inspected once." if the_line.committed == len(drops) else "."), highlight=False,
+                  soft_wrap=True)
+    if the_line.committed != len(drops):
+        _warn(f"The line's ledger holds {the_line.committed} verdicts for {len(drops)} parts dropped; see "
+              f"{the_line.log}.")
+    console.print(_demo_counts("The line's verdicts", counts))
+    console.print(f"The line's files, in {escape(str(folder))}: hot/ok and hot/ng (the parts, sorted), "
+                  "verdicts.jsonl, heatmaps/ (NG overlays), watch.log (the watcher's log).", highlight=False,
+                  soft_wrap=True)
+    console.print(f"See its verdicts again with: edge-inspect results {escape(shlex.quote(str(the_line.hot)))}",
+                  highlight=False, soft_wrap=True)
 
 
 def _about(key: str, kind: str = "folder") -> str:
@@ -514,8 +744,10 @@ def _about(key: str, kind: str = "folder") -> str:
 #: Flags of `watch` -> the configuration key they set (under sources.watch). The one table that maps them.
 WATCH_FLAGS = {
     "model": "--model", "path": "FOLDER", "uri": "--camera", "poll": "--poll", "settle": "--settle",
-    "settle_unsure": "--settle-unsure", "backlog": "--backlog/--no-backlog", "ignore": "--ignore",
-    "sinks.sort": "--sort", "sinks.heatmaps": "--heatmaps", "sinks.results": "--results", "ledger": "--ledger",
+    "settle_unsure": "--settle-unsure", "backlog": "--backlog/--no-backlog", "recursive": "--recursive",
+    "ignore": "--ignore",
+    "sinks.sort": "--sort", "sinks.heatmaps": "--heatmaps", "sinks.heatmaps_all": "--heatmaps-all",
+    "sinks.results": "--results", "ledger": "--ledger",
     "max_pixels": "--max-pixels", "batch_size": "--batch-size", "device": "--device", "criterion": "--criterion",
     "threshold": "--threshold", "precision": "--precision", "every": "--every", "fps": "--fps",
 }
@@ -545,9 +777,11 @@ def watch(
     settle: Annotated[Optional[float], typer.Option(help=_about("settle"))] = None,
     settle_unsure: Annotated[Optional[float], typer.Option(help=_about("settle_unsure"))] = None,
     backlog: Annotated[Optional[bool], typer.Option("--backlog/--no-backlog", help=_about("backlog"))] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", help=_about("recursive"))] = False,
     ignore: Annotated[Optional[list[str]], typer.Option(help=_about("ignore") + " Repeatable.")] = None,
     sort: Annotated[bool, typer.Option("--sort", help=_about("sinks.sort"))] = False,
     heatmaps: Annotated[Optional[Path], typer.Option(help=_about("sinks.heatmaps"))] = None,
+    heatmaps_all: Annotated[bool, typer.Option("--heatmaps-all", help=_about("sinks.heatmaps_all"))] = False,
     results: Annotated[Optional[Path], typer.Option(help=_about("sinks.results"))] = None,
     ledger: Annotated[Optional[Path], typer.Option(help=_about("ledger"))] = None,
     max_pixels: Annotated[Optional[int], typer.Option(help=_about("max_pixels"))] = None,
@@ -576,8 +810,10 @@ def watch(
         edge-inspect watch --camera rtsp://10.0.0.7/stream1 --model models/linear-ae --every 5
     """
     values = {"model": model, "path": folder, "uri": camera, "poll": poll, "settle": settle,
-              "settle_unsure": settle_unsure, "backlog": backlog, "ignore": ignore or None,
-              "sinks.sort": sort or None, "sinks.heatmaps": heatmaps, "sinks.results": results, "ledger": ledger,
+              "settle_unsure": settle_unsure, "backlog": backlog, "recursive": recursive or None,
+              "ignore": ignore or None,
+              "sinks.sort": sort or None, "sinks.heatmaps": heatmaps,
+              "sinks.heatmaps_all": heatmaps_all or None, "sinks.results": results, "ledger": ledger,
               "max_pixels": max_pixels, "batch_size": batch_size, "device": device.value if device else None,
               "criterion": criterion, "threshold": threshold, "precision": precision.value if precision else None,
               "every": every, "fps": fps}
@@ -606,6 +842,8 @@ def _watch(values: dict, typed: set[str], folder: Path | None, camera: str | Non
         raise ConfigError("Watch needs a folder to watch or --camera URI (exactly one of them).")
     if camera is not None and "sinks.sort" in typed:
         raise ConfigError("--sort moves files of a watched folder; a camera's frames are not files. Drop --sort.")
+    if camera is not None and "recursive" in typed:
+        raise ConfigError("--recursive watches the sub-folders of a hot folder; a camera has none. Drop --recursive.")
     if folder is not None and ({"every", "fps"} & typed):
         raise ConfigError("--every and --fps select camera frames; they do not apply to a folder.")
     at = f"sources.{WATCH_SOURCE}"
@@ -705,25 +943,65 @@ def results(
     summary.add_row(str(counts["ok"]), str(counts["ng"]), str(counts["error"]), rate)
     console.print(summary)
     if rows:
-        table = Table(title=f"Last {len(rows)} parts")
-        table.add_column("id", justify="right")
-        table.add_column("committed", no_wrap=True)
-        table.add_column("part", no_wrap=True)
-        table.add_column("verdict")
-        table.add_column("score / reason", ratio=1)
-        table.add_column("threshold", justify="right")
-        table.add_column("ms", justify="right")
-        for row in rows:
-            name = Path(row.source).name if row.kind == "file" else f"{row.source} #{row.frame_index}"
-            style = {"ok": "green", "ng": "bold red", "error": "yellow"}[row.verdict]
-            reason = (row.error or "").removeprefix(f"{name}: ")
-            detail = f"[yellow]{escape(reason)}[/]" if row.verdict == "error" else f"{row.score:.4g}"
-            table.add_row(str(row.id), f"{dt.datetime.fromtimestamp(row.committed_at):%m-%d %H:%M:%S}",
-                          escape(name), f"[{style}]{row.verdict}[/]", detail,
-                          "" if row.threshold is None else f"{row.threshold:.4g}", f"{row.latency_ms:.0f}")
-        console.print(table)
+        _print_last_parts(rows)
+        noted = [row for row in rows if row.input_note]
+        if noted:
+            console.print("Input notes (inspected, but not as the model was trained):", highlight=False)
+            for row in noted:
+                part = Path(row.source).name if row.kind == "file" else f"{row.source} #{row.frame_index}"
+                console.print(f"  #{row.id} {escape(part)}: {escape(row.input_note)}", highlight=False,
+                              soft_wrap=True)
     if exported is not None:
         err_console.print(f"Wrote {exported} parts to {csv}", highlight=False, soft_wrap=True)
+
+
+def _print_last_parts(rows: list) -> None:
+    """The last parts of ``results``: whole names and figures within the console's width, and what the score means."""
+    import datetime as dt
+
+    days = {f"{dt.datetime.fromtimestamp(r.committed_at):%Y-%m-%d}" for r in rows}
+    when = "%H:%M:%S" if len(days) == 1 else "%m-%d %H:%M:%S"
+    raw = any(r.polarity != "high" for r in rows)  # some score is not the criterion's own value: show both
+    criteria = {r.criterion for r in rows if r.criterion}
+    value = next(iter(criteria)) if len(criteria) == 1 else "value"
+    cells = []
+    for r in rows:
+        score, threshold = numbers.score_pair(r.score, r.threshold)
+        cells.append([str(r.id), f"{dt.datetime.fromtimestamp(r.committed_at):{when}}", r.verdict, score,
+                      *([numbers.score(r.raw_score)] if raw else []), threshold, f"{r.latency_ms:.0f}"])
+    headers = ["id", "committed", "verdict", "score", *([value] if raw else []), "threshold", "ms"]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]
+    files = all(r.kind == "file" for r in rows)
+    uris = {r.source for r in rows if r.kind == "frame"}
+    if files:
+        folder, names = _relative_names([r.source for r in rows])
+    else:
+        folder = next(iter(uris)) if len(uris) == 1 else None
+        names = [f"{'' if folder else r.source + ' '}#{r.frame_index}" if r.kind == "frame" else r.source
+                 for r in rows]
+    listed = max(map(len, names)) > max(_room(widths), 5)  # a name would not fit whole: list them after the table
+    where = f" ({'in' if files else 'frames of'} {escape(folder)})" if folder else ""
+    console.print(f"Last {len(rows)} parts{where}" + (f", {days.pop()}" if len(days) == 1 else "") + ":",
+                  highlight=False, soft_wrap=True)
+    table = Table()
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("committed", no_wrap=True)
+    if not listed:
+        table.add_column("part", overflow="fold")
+    for header in headers[2:]:
+        table.add_column(escape(header), justify="left" if header == "verdict" else "right", no_wrap=True)
+    style = {"ok": "green", "ng": "bold red", "error": "yellow"}
+    for name, row in zip(names, cells):
+        table.add_row(*row[:2], *([] if listed else [escape(name)]), f"[{style[row[2]]}]{row[2]}[/]", *row[3:])
+    console.print(table)
+    for name, r in zip(names, rows):
+        if listed or r.verdict == "error":
+            reason = (r.error or "").removeprefix(f"{r.source}: ").removeprefix(f"{Path(r.source).name}: ")
+            text = f"#{r.id} {escape(name)}" + (f" [yellow]error[/]: {escape(reason)}" if r.verdict == "error" else "")
+            console.print(text, highlight=False, soft_wrap=True)
+    meanings = sorted({numbers.meaning(r.criterion, r.polarity) for r in rows if r.verdict != "error"})
+    if meanings:
+        console.print("; ".join(meanings) + "; ng when score > threshold.", highlight=False, soft_wrap=True)
 
 
 ledger_app = typer.Typer(name="ledger", help="Check a ledger, or save the readable rows of a damaged one.",

@@ -79,7 +79,16 @@ class Sinks(_Section):
     sort: bool = Field(False, description="Move each file into ok/, ng/ or error/ inside the watched folder "
                                           "(folder sources only).")
     heatmaps: Path | None = Field(None, description="Folder for an anomaly-map overlay (PNG) of each NG part.")
+    heatmaps_all: bool = Field(False, description="Overlays of OK parts too, not only of NG parts (needs "
+                                                  "sinks.heatmaps).")
     results: Path | None = Field(None, description="JSONL file: one line per verdict.")
+
+    @model_validator(mode="after")
+    def _overlays_need_a_folder(self) -> Sinks:
+        if self.heatmaps_all and self.heatmaps is None:
+            raise ValueError("@heatmaps_all overlays of every part need a folder: set sinks.heatmaps too, or drop "
+                             "heatmaps_all")
+        return self
 
 
 class Retention(_Section):
@@ -135,7 +144,9 @@ class FolderSource(_Source):
                                                          "be seen (network shares).")
     rescan: float | None = Field(60.0, gt=0, description="Seconds between safety rescans in event mode.")
     backlog: bool = Field(True, description="Inspect the files already in the folder at start.")
-    recursive: bool = Field(False, description="Also watch sub-folders.")
+    recursive: bool = Field(False, description="Also inspect the files in sub-folders, at any depth (not the "
+                                               "sort folders, nor hidden ones). Off: images in a sub-folder are "
+                                               "not inspected, and each such sub-folder is named in a warning.")
     ignore: tuple[str, ...] = Field((), description="More file name patterns to ignore, besides hidden and "
                                                     "partial files.")
 

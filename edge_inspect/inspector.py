@@ -31,7 +31,7 @@ from edge_inspect.calibrate import is_anomalous, oriented
 from edge_inspect.card import INPUT_NAME, OUTPUT_NAME, ModelCard, check_metadata, load_card, read_verified
 from edge_inspect.errors import ConfigError, EdgeInspectError, InputError, ModelCardError
 from edge_inspect.kernels import CRITERIA, criteria, criterion_index
-from edge_inspect.preprocess import preprocess
+from edge_inspect.preprocess import InputNote, input_note, preprocess
 from edge_inspect.session import create_session
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,10 @@ class Result:
     Attributes:
         verdict: ``"ok"``, ``"ng"`` (anomalous) or ``"error"`` (the image
             could not be inspected; ``error`` says why).
-        score: the criterion's oriented score (higher = more anomalous),
-            compared with ``threshold``: ``ng`` iff ``score > threshold``.
+        score: the decision score: the criterion's raw value oriented by
+            its polarity (higher = more anomalous; see
+            :func:`edge_inspect.calibrate.oriented`), compared with
+            ``threshold``: ``ng`` iff ``score > threshold``.
         threshold: the calibrated threshold of ``criterion``.
         criterion: the criterion that decided.
         criteria: every criterion's raw value, by name (empty on error).
@@ -61,6 +63,12 @@ class Result:
         error: the reason of an ``error`` verdict.
         anomaly_map: ``(H, W)`` float32 ``|residual|`` at the model's input
             size, when asked for; not part of :meth:`to_dict`.
+        polarity: the criterion's polarity (``high``, ``low``,
+            ``two-sided``), which says how ``score`` comes from its raw value.
+        input_note: how far the image was from the model's input (colour,
+            much larger or smaller, another aspect ratio), or None; see
+            :func:`~edge_inspect.preprocess.input_note`. :meth:`to_dict`
+            gives its text.
     """
 
     verdict: str
@@ -73,20 +81,29 @@ class Result:
     source: str | None = None
     error: str | None = None
     anomaly_map: np.ndarray | None = field(default=None, repr=False)
+    polarity: str | None = None
+    input_note: InputNote | None = None
 
     def to_dict(self) -> dict:
-        """The JSON-line form: every field but the map, NaN as None."""
+        """The JSON-line form: every field but the map, NaN as None.
+
+        ``score`` is the decision score, the number compared with
+        ``threshold``; ``raw_score`` the criterion's own value beside it.
+        """
         clean = lambda v: None if v is None or not math.isfinite(v) else float(v)  # noqa: E731
         return {
             "source": self.source,
             "verdict": self.verdict,
             "score": clean(self.score),
+            "raw_score": clean(self.criteria.get(self.criterion)),
             "threshold": clean(self.threshold),
             "criterion": self.criterion,
+            "polarity": self.polarity,
             "criteria": {k: clean(v) for k, v in self.criteria.items()},
             "latency_ms": round(self.latency_ms, 3),
             "batch_size": self.batch_size,
             "error": self.error,
+            "input_note": self.input_note.text if self.input_note is not None else None,
         }
 
 
@@ -237,6 +254,7 @@ class Inspector:
         n = len(images)
         batch = np.empty((n, *self.size), np.float32)
         errors: dict[int, str] = {}
+        notes: dict[int, InputNote | None] = {}  # a prepared input's caller knows the image, and notes it itself
         for i, image in enumerate(images):
             if prepared:
                 if image.shape == self.size and image.dtype == np.float32:
@@ -251,6 +269,8 @@ class Inspector:
             except EdgeInspectError as exc:
                 errors[i] = str(exc)
                 batch[i] = 0.0
+            else:
+                notes[i] = input_note(np.asarray(image), self.size)
         recons = self.reconstruct(batch)
         out = criteria(batch, recons, return_map=self.anomaly_map, sigma=self.sigma, on_nan="propagate")
         scores, maps = out if self.anomaly_map else (out, None)
@@ -263,7 +283,8 @@ class Inspector:
                 errors[i] = ("the residual is not finite (NaN or infinity in the image or the model output); "
                              "check the image source and the model")
             if i in errors:
-                results.append(Result("error", None, threshold, self.criterion, {}, latency, n, sources[i], errors[i]))
+                results.append(Result("error", None, threshold, self.criterion, {}, latency, n, sources[i], errors[i],
+                                      polarity=self.entry["polarity"]))
                 continue
             results.append(Result(
                 verdict="ng" if flags[i] else "ok",
@@ -275,6 +296,8 @@ class Inspector:
                 batch_size=n,
                 source=sources[i],
                 anomaly_map=None if maps is None else maps[i],
+                polarity=self.entry["polarity"],
+                input_note=notes.get(i),
             ))
         return results
 
@@ -282,36 +305,119 @@ class Inspector:
 #: |residual| shown at full colour in overlays: a fixed scale, so that
 #: overlays of different parts compare at a glance.
 HEATMAP_FULL_SCALE = 0.25
+#: Overlays narrower than this are enlarged (whole pixels repeated) so that the banner's text is legible.
+HEATMAP_MIN_WIDTH = 512
+#: Banner colours (BGR): background, text, and the verdict words.
+_BANNER = (32, 32, 32)
+_TEXT = (235, 235, 235)
+_VERDICT_COLOURS = {"ng": (60, 60, 235), "ok": (80, 200, 80), "error": (0, 200, 230)}
+#: The length of decision line the banner's text size is chosen for.
+_TYPICAL_LINE = "NG  score 0.012345 > threshold 0.012345 (smooth_range)"
 
 
-def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The anomaly map in colour over the image, at the image's own size.
+def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, *, score: float | None = None,
+                    threshold: float | None = None, verdict: str | None = None, criterion: str | None = None,
+                    alpha: float = 0.6, banner: bool = True) -> np.ndarray:
+    """The anomaly map in colour over the image, above a banner with the decision and a colour scale.
+
+    Each pixel is tinted in proportion to its ``|residual|``: where the
+    model reconstructed the part exactly, the image keeps its own grey;
+    from :data:`HEATMAP_FULL_SCALE` up, the colour weighs ``alpha``. An
+    image narrower than :data:`HEATMAP_MIN_WIDTH` is enlarged by a whole
+    factor (each pixel repeated) so that the banner's text stays legible.
 
     Args:
         image: the decoded image, any array :func:`preprocess` accepts.
         anomaly_map: ``(h, w)`` float32 ``|residual|`` at the model's size.
-        alpha: weight of the colour map.
+        score, threshold, verdict, criterion: the part's decision, written
+            in the banner (``score`` and ``threshold`` on the oriented
+            scale of :class:`Result`: NG iff score > threshold).
+        alpha: weight of the colour where the residual is at full scale.
+        banner: False: the tinted image alone, at the image's own size
+            (for thumbnails whose page says the rest).
 
     Returns:
-        ``(H, W, 3)`` uint8 BGR, ready for ``cv2.imwrite``. The map is
-        resized with linear interpolation and coloured with the JET map on a
-        fixed scale: 0 blue, :data:`HEATMAP_FULL_SCALE` and above red.
+        ``(k*H + banner, k*W, 3)`` uint8 BGR, ready for ``cv2.imwrite``: the
+        map, resized with linear interpolation and coloured with the JET map
+        on a fixed scale (0 blue, :data:`HEATMAP_FULL_SCALE` and above red),
+        over the image; below it a dark banner with the verdict, score,
+        threshold and criterion, and the colour bar with its range.
     """
     import cv2
 
     from edge_inspect.preprocess import to_unit_gray
 
     gray = to_unit_gray(np.asarray(image))
+    factor = max(1, -(-HEATMAP_MIN_WIDTH // gray.shape[1])) if banner else 1
+    if factor > 1:
+        gray = np.kron(gray, np.ones((factor, factor), gray.dtype))
     height, width = gray.shape
-    amap = cv2.resize(anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
-    level = np.clip(amap / HEATMAP_FULL_SCALE * 255.0, 0, 255).astype(np.uint8)
-    colour = cv2.applyColorMap(level, cv2.COLORMAP_JET)
+    amap = cv2.resize(np.asarray(anomaly_map, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    strength = np.clip(np.nan_to_num(amap, nan=0.0) / HEATMAP_FULL_SCALE, 0.0, 1.0)
+    colour = cv2.applyColorMap((strength * 255.0).astype(np.uint8), cv2.COLORMAP_JET).astype(np.float32)
     base = cv2.cvtColor((gray * 255.0 + 0.5).astype(np.uint8), cv2.COLOR_GRAY2BGR)
-    return cv2.addWeighted(colour, alpha, base, 1.0 - alpha, 0.0)
+    weight = (alpha * strength)[..., None]
+    tinted = np.where(weight > 0, base * (1.0 - weight) + colour * weight + 0.5, base).astype(np.uint8)
+    if not banner:
+        return tinted
+    return np.vstack([tinted, _banner(width, score, threshold, verdict, criterion)])
 
 
-def write_heatmap(path: str | os.PathLike, image: np.ndarray, anomaly_map: np.ndarray) -> Path:
+def _banner(width: int, score, threshold, verdict, criterion) -> np.ndarray:
+    """The strip under an overlay: the decision on one line, the colour bar and its range on the next."""
+    import cv2
+
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    margin = max(6, width // 64)
+    word = (verdict or "").upper()
+    relation = ">" if verdict == "ng" else "<=" if verdict == "ok" else "vs"
+    from edge_inspect.numbers import score_pair
+
+    shown_score, shown_threshold = score_pair(score, threshold)
+    decision = f"score {shown_score} {relation} threshold {shown_threshold}"
+    if criterion:
+        decision += f" ({criterion})"
+    low, high = "0", f"{HEATMAP_FULL_SCALE:g}+"
+    caption = "|residual|"
+    # One scale for both lines, from the width alone (every overlay of a size gets the same banner): a
+    # decision line of typical length fills the width, up to a size that suits a large image; a longer
+    # one is written smaller.
+    line_one = f"{word}  {decision}" if word else decision
+    (unit_width, _), _ = cv2.getTextSize(_TYPICAL_LINE, font, 1.0, 1)
+    scale = min((width - 2 * margin) / unit_width, width / 700.0 + 0.2, 1.6)
+    thick = max(1, round(scale * 2))
+    scale *= min(1.0, (width - 2 * margin) / cv2.getTextSize(_TYPICAL_LINE, font, scale, thick)[0][0])
+    (_, text_h), base_h = cv2.getTextSize(_TYPICAL_LINE, font, scale, thick)
+    fitted = scale * min(1.0, (width - 2 * margin) / cv2.getTextSize(line_one, font, scale, thick)[0][0])
+    row = text_h + base_h + margin
+    strip = np.full((2 * row + margin, width, 3), _BANNER, np.uint8)
+    x, y = margin, margin + text_h
+    if word:
+        cv2.putText(strip, word, (x, y), font, fitted, _VERDICT_COLOURS.get(verdict, _TEXT), thick, cv2.LINE_AA)
+        x += cv2.getTextSize(word + "  ", font, fitted, thick)[0][0]
+    cv2.putText(strip, decision, (x, y), font, fitted, _TEXT, thick, cv2.LINE_AA)
+    # The colour bar: JET from 0 to full scale, between its two labels, after the caption.
+    y = row + margin + text_h
+    x = margin
+    cv2.putText(strip, caption, (x, y), font, scale, _TEXT, thick, cv2.LINE_AA)
+    x += cv2.getTextSize(caption + " ", font, scale, thick)[0][0]
+    cv2.putText(strip, low, (x, y), font, scale, _TEXT, thick, cv2.LINE_AA)
+    x += cv2.getTextSize(low + " ", font, scale, thick)[0][0]
+    high_w = cv2.getTextSize(" " + high, font, scale, thick)[0][0]
+    bar_w = max(8, width - margin - high_w - x)
+    ramp = np.linspace(0, 255, bar_w).astype(np.uint8)[None, :]
+    bar = cv2.applyColorMap(np.repeat(ramp, text_h, axis=0), cv2.COLORMAP_JET)
+    strip[y - text_h:y, x:x + bar_w] = bar[:, : max(0, min(bar_w, width - x))]
+    cv2.putText(strip, high, (x + bar_w + high_w - cv2.getTextSize(high, font, scale, thick)[0][0], y), font, scale,
+                _TEXT, thick, cv2.LINE_AA)
+    return strip
+
+
+def write_heatmap(path: str | os.PathLike, image: np.ndarray, anomaly_map: np.ndarray, **decision) -> Path:
     """Write :func:`heatmap_overlay` as a PNG file; returns its path.
+
+    ``decision``: the ``score``, ``threshold``, ``verdict`` and
+    ``criterion`` written in the banner.
 
     Raises:
         InputError: the file cannot be written.
@@ -320,6 +426,6 @@ def write_heatmap(path: str | os.PathLike, image: np.ndarray, anomaly_map: np.nd
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), heatmap_overlay(image, anomaly_map)):
+    if not cv2.imwrite(str(path), heatmap_overlay(image, anomaly_map, **decision)):
         raise InputError(f"Cannot write heatmap {path}; check that the folder is writable.")
     return path

@@ -22,14 +22,16 @@ Exactly once rests on three choices:
   moved into ``ok/``) would then be missing. ``FULL`` syncs the log at every
   commit, and batching verdicts keeps that to one sync per batch.
 
-Schema (``PRAGMA user_version``, now 2): the table ``parts`` has one column
+Schema (``PRAGMA user_version``, now 4): the table ``parts`` has one column
 per :class:`Record` field. Version 2 added ``source_raw`` (the exact bytes
 of a file name that is not valid UTF-8; ``source`` then shows those bytes
 as ``\\xff`` escapes, see :func:`path_columns`) and ``sink_error`` (why a
-sink last failed for the row). A version-1 ledger is migrated in place when
-opened for writing; one opened read-only is read as it is. A file that is
-not a ledger, or a ledger from a newer edge-inspect, is refused with an
-:class:`~edge_inspect.errors.InputError`.
+sink last failed for the row); version 3 the outbox's cursors; version 4
+``polarity`` (how the decision score comes from the criterion's value) and
+``input_note`` (how far the image was from the model's input). An
+older ledger is migrated in place when opened for writing; one opened
+read-only is read as it is. A file that is not a ledger, or a ledger from a
+newer edge-inspect, is refused with an :class:`~edge_inspect.errors.InputError`.
 
 What else the ledger guards against, each with an error that says what to do:
 
@@ -77,7 +79,7 @@ from edge_inspect.errors import EdgeInspectError, InputError, LedgerDamagedError
 log = logging.getLogger(__name__)
 
 #: The schema this module writes; ``PRAGMA user_version`` of every ledger.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE parts (
@@ -107,7 +109,9 @@ CREATE TABLE parts (
     sorted_path TEXT,
     heatmap TEXT,
     source_raw BLOB,
-    sink_error TEXT
+    sink_error TEXT,
+    polarity TEXT,
+    input_note TEXT
 );
 CREATE INDEX parts_file ON parts (source, size, mtime_ns);
 CREATE INDEX parts_committed ON parts (committed_at);
@@ -125,6 +129,9 @@ _MIGRATIONS = {
     2: ("CREATE TABLE cursors (sink TEXT PRIMARY KEY, last_id INTEGER NOT NULL, updated_at REAL NOT NULL)",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "INSERT INTO meta VALUES ('ledger_id', lower(hex(randomblob(6))))"),
+    # The criterion's polarity, which says how the decision score comes from its raw value; and how far each
+    # image was from the model's input.
+    3: ("ALTER TABLE parts ADD COLUMN polarity TEXT", "ALTER TABLE parts ADD COLUMN input_note TEXT"),
 }
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -237,6 +244,15 @@ class Record:
         source_raw: the file path's exact bytes when they are not valid
             UTF-8; None otherwise (and for frames).
         sink_error: why a sink last failed for this row; None otherwise.
+        polarity: the criterion's polarity (``high``, ``low``,
+            ``two-sided``): ``score`` is the criterion's value, its negative,
+            or its distance from the normal median; None in rows written
+            before it was recorded.
+        input_note: how far the image was from the model's input (colour,
+            much larger or smaller, another aspect ratio; see
+            :func:`edge_inspect.preprocess.input_note`); None when it was
+            close, on error verdicts, and in rows written before it was
+            recorded.
         id: the row id; None before the row is written.
     """
 
@@ -266,6 +282,8 @@ class Record:
     heatmap: str | None = None
     source_raw: bytes | None = None
     sink_error: str | None = None
+    polarity: str | None = None
+    input_note: str | None = None
     id: int | None = None
 
     @property
@@ -277,6 +295,13 @@ class Record:
     def path(self) -> Path:
         """The exact file path: from ``source_raw`` when the name is not UTF-8, else ``source``."""
         return Path(os.fsdecode(self.source_raw)) if self.source_raw is not None else Path(self.source)
+
+    @property
+    def raw_score(self) -> float | None:
+        """The deciding criterion's own value, from which ``score`` comes by ``polarity``; None on error."""
+        if not self.criteria or self.criterion is None:
+            return None
+        return json.loads(self.criteria).get(self.criterion)
 
     def to_dict(self) -> dict:
         """The row as a JSON object: columns in schema order, ``criteria`` parsed, without ``source_raw`` (bytes)."""
@@ -901,6 +926,10 @@ class Ledger:
 
         Leaves out ``identity``, ``sinks_pending`` and ``source_raw`` (the
         ``source`` column shows a non-UTF-8 name with ``\\xff`` escapes).
+        Spreadsheet-ready: times (``*_at``, ``frame_time``) as ISO 8601 with
+        the UTC offset; ``raw_score`` (the criterion's own value) beside the
+        decision ``score``; and instead of the ``criteria`` object, one
+        column per criterion, ``criteria.NAME``, empty where a row lacks it.
 
         Raises:
             LedgerDamagedError: the ledger is damaged.
@@ -908,14 +937,30 @@ class Ledger:
         """
         import csv
 
-        columns = ["id", *(c for c in COLUMNS if c not in ("id", "identity", "sinks_pending", "source_raw"))]
+        from edge_inspect.numbers import timestamp
+
+        names: dict[str, None] = {}  # every criterion of the exported rows, in the order the rows give them
+        for record in self.rows(since):
+            names.update(dict.fromkeys(json.loads(record.criteria) if record.criteria else ()))
+        columns = ["id"]
+        for c in COLUMNS:
+            if c in ("id", "identity", "sinks_pending", "source_raw", "polarity"):
+                continue
+            columns += {"score": ["score", "raw_score"], "criterion": ["criterion", "polarity"],
+                        "criteria": [f"criteria.{name}" for name in names]}.get(c, [c])
+        times = {"frame_time", "arrived_at", "read_at", "inspected_at", "committed_at"}
         n = 0
         try:
             with open(path, "w", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(columns)
                 for record in self.rows(since):
-                    writer.writerow(["" if (v := getattr(record, c)) is None else v for c in columns])
+                    values = {c: getattr(record, c) for c in COLUMNS if c in columns}
+                    values.update({c: timestamp(values[c]) for c in times})
+                    values["raw_score"] = record.raw_score
+                    criteria = json.loads(record.criteria) if record.criteria else {}
+                    values.update({f"criteria.{name}": criteria.get(name) for name in names})
+                    writer.writerow(["" if (v := values[c]) is None else v for c in columns])
                     n += 1
         except OSError as exc:
             raise InputError(f"Cannot write {path} ({exc.strerror or exc}); check that its folder exists and is "

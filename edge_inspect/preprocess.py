@@ -11,6 +11,7 @@ Training and inspection therefore cannot drift apart.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 
 from edge_inspect.errors import InputError
 from edge_inspect.imageheader import ACCEPTED, DEFAULT_MAX_PIXELS, admit
+
+log = logging.getLogger(__name__)
 
 #: File suffixes read as images (compared case-insensitively): those of the formats :func:`decode_image` decodes.
 IMAGE_SUFFIXES = tuple(suffix for suffixes in ACCEPTED.values() for suffix in suffixes)
@@ -172,6 +175,124 @@ def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if gray.shape != (height, width):
         gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(gray, dtype=np.float32)
+
+
+#: An image whose linear size (the square root of its pixel count) is more than this factor larger or smaller
+#: than the model's input gets an input note: resizing then throws away detail, or invents it.
+NOTE_SCALE = 2.0
+#: An image whose aspect ratio differs from the input's by more than this factor gets an input note:
+#: resizing stretches the part (preprocessing neither crops nor pads).
+NOTE_ASPECT = 1.2
+#: A 3- or 4-channel image is colour when two of its colour channels differ by more than this share of full
+#: scale at some pixel of a sampled grid (10 of 255 levels: more than JPEG noise on a grey image saved as colour).
+NOTE_COLOUR = 0.04
+#: The sampled grid for the colour test: at most this many rows and columns.
+_NOTE_GRID = 128
+
+
+@dataclass(frozen=True)
+class InputNote:
+    """How far an image is from what the model was trained on, in words (see :func:`input_note`).
+
+    Attributes:
+        kinds: which differences: ``colour``, ``larger``, ``smaller``,
+            ``aspect``; one warning per kind is enough for a source.
+        text: the note, for the result and the ledger (``input_note``).
+    """
+
+    kinds: tuple[str, ...]
+    text: str
+
+
+def input_note(image: np.ndarray, size: tuple[int, int]) -> InputNote | None:
+    """Say how preprocessing changes an image much, or None when it does not.
+
+    Three things are noted, because the model learned from images that had
+    none of them: colour (a 3- or 4-channel image whose channels differ by
+    more than :data:`NOTE_COLOUR` of full scale; a grey image stored with
+    three equal channels is not colour), a size more than
+    :data:`NOTE_SCALE` times larger or smaller than the input (linear, by
+    pixel count), and an aspect ratio more than :data:`NOTE_ASPECT` times
+    off the input's.
+
+        >>> input_note(np.zeros((1024, 1024, 3), np.uint8), (256, 256)).text
+        '1024x1024 scaled down 4.0x to 256x256'
+
+    Args:
+        image: the decoded image, as :func:`preprocess` takes it.
+        size: ``(height, width)`` of the model input.
+    """
+    kinds: list[str] = []
+    parts: list[str] = []
+    if image.ndim == 3 and image.shape[2] in (3, 4) and _is_colour(image):
+        kinds.append("colour")
+        parts.append(f"colour image ({image.shape[2]} channels) converted to grey")
+    if image.ndim >= 2 and image.shape[0] > 0 and image.shape[1] > 0:
+        height, width = image.shape[:2]
+        in_h, in_w = size
+        factor = float(np.sqrt((height * width) / (in_h * in_w)))
+        aspect = (width / height) / (in_w / in_h)
+        shown = f"{width}x{height}"
+        resized = []
+        if factor > NOTE_SCALE:
+            kinds.append("larger")
+            resized.append(f"scaled down {factor:.1f}x to {in_w}x{in_h}")
+        elif factor < 1.0 / NOTE_SCALE:
+            kinds.append("smaller")
+            resized.append(f"scaled up {1.0 / factor:.1f}x to {in_w}x{in_h}")
+        if max(aspect, 1.0 / aspect) > NOTE_ASPECT:
+            kinds.append("aspect")
+            if not resized:
+                resized.append(f"resized to {in_w}x{in_h}")
+            resized.append(f"aspect ratio {width / height:.2f} stretched to {in_w / in_h:.2f}")
+        if resized:
+            parts.append(f"{shown} {', '.join(resized)}")
+    return InputNote(tuple(kinds), "; ".join(parts)) if parts else None
+
+
+class NoteWarnings:
+    """Log a warning the first time a source's parts show each kind of input note; later ones stay in the results.
+
+    Not thread-safe: call it from one thread.
+
+        >>> warn = NoteWarnings("watch /srv/parts", (256, 256))
+        >>> warn("part-7.jpeg", input_note(image, (256, 256)))   # logs once per kind
+
+    Args:
+        source: how the log names the source.
+        size: ``(height, width)`` of the model input.
+    """
+
+    def __init__(self, source: str, size: tuple[int, int]):
+        self.source = source
+        self.size = size
+        self._seen: set[str] = set()
+
+    def __call__(self, name: str, note: InputNote | None) -> None:
+        if note is None or self._seen.issuperset(note.kinds):
+            return
+        self._seen.update(note.kinds)
+        height, width = self.size
+        log.warning("%s: %s is inspected, but not as the model was trained: %s (the model takes %dx%d grey "
+                    "images). Verdicts on such images are less reliable: feed images like the training ones, or "
+                    "train a model on these. Each such result says so in input_note; this warning comes once per "
+                    "source for each kind of note.", self.source, name, note.text, width, height)
+
+
+def _is_colour(image: np.ndarray) -> bool:
+    """Whether the first three channels differ by more than :data:`NOTE_COLOUR` somewhere on a sampled grid."""
+    step_y = max(1, image.shape[0] // _NOTE_GRID)
+    step_x = max(1, image.shape[1] // _NOTE_GRID)
+    sample = image[::step_y, ::step_x, :3]
+    if image.dtype == np.uint8:
+        full = 255.0
+    elif image.dtype == np.uint16:
+        full = 65535.0
+    else:
+        full = 1.0
+    sample = sample.astype(np.float32)
+    spread = np.nanmax(sample, axis=2) - np.nanmin(sample, axis=2)
+    return bool(spread.size and np.nanmax(spread) > NOTE_COLOUR * full)
 
 
 def load(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:

@@ -43,7 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edge_inspect import notify
+from edge_inspect import notify, numbers
 from edge_inspect import signals as stop_signals
 from edge_inspect.config import CameraSource, FolderSource, ServiceConfig
 from edge_inspect.errors import ConfigError, EdgeInspectError
@@ -214,7 +214,8 @@ class SourceRunner:
             if isinstance(cfg, FolderSource) and cfg.sinks.sort:
                 sinks.append(SortSink(cfg.path))
             if cfg.sinks.heatmaps is not None:
-                sinks.append(HeatmapSink(cfg.sinks.heatmaps, max_pixels=cfg.max_pixels))
+                sinks.append(HeatmapSink(cfg.sinks.heatmaps, max_pixels=cfg.max_pixels,
+                                         every_part=cfg.sinks.heatmaps_all))
             if cfg.sinks.results is not None:
                 sinks.append(JsonlSink(cfg.sinks.results))
             for sink in sinks:
@@ -238,9 +239,12 @@ class SourceRunner:
                 self.watcher = watcher
             if self._stopping.is_set():
                 watcher.stop()
-            log.info("Source %s: watching %s with %s (%s on %s, criterion %s, threshold %.4g); ledger %s", self.name,
-                     cfg.path if isinstance(cfg, FolderSource) else cfg.uri, cfg.model, self.inspector.precision,
-                     self.inspector.device, self.inspector.criterion, self.inspector.entry["threshold"],
+            entry = self.inspector.entry
+            log.info("Source %s: watching %s with %s (%s on %s, criterion %s, threshold %s; %s; ng when score > "
+                     "threshold); ledger %s", self.name, cfg.path if isinstance(cfg, FolderSource) else cfg.uri,
+                     cfg.model, self.inspector.precision, self.inspector.device, self.inspector.criterion,
+                     numbers.score(entry["threshold"]),
+                     numbers.meaning(self.inspector.criterion, entry["polarity"], entry.get("center")),
                      cfg.ledger_path)
             started = threading.Thread(target=self._mark_attempted, args=(watcher,), daemon=True)
             started.start()

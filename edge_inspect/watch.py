@@ -16,6 +16,9 @@ hashed. A part whose identity is already in the ledger (the same file seen
 twice, or again after a restart) is dropped before decoding. A part that
 cannot be inspected (vanished, unreadable, corrupt, too large, not an
 image) gets an ``error`` verdict with the reason, and the watcher goes on.
+An image far from the model's input (colour, much larger or smaller,
+another aspect ratio) is inspected with a note in its row (``input_note``),
+and the first of each kind is named in a warning.
 
 At start, sinks left pending by an interrupted run are replayed. A sink
 that fails while running (a full disk, a folder gone) leaves its rows
@@ -50,12 +53,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_inspect import notify
+from edge_inspect import notify, numbers
 from edge_inspect.errors import ConfigError, EdgeInspectError, InputError
 from edge_inspect.imageheader import DEFAULT_MAX_PIXELS, image_dimensions  # noqa: F401  (re-exported)
 from edge_inspect.imageheader import check_pixels as _check_pixels
 from edge_inspect.ledger import Ledger, Record, file_identity, frame_identity, path_columns
-from edge_inspect.preprocess import decode_image, preprocess
+from edge_inspect.preprocess import InputNote, NoteWarnings, decode_image, input_note, preprocess
 from edge_inspect.sinks import Done, Sink
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,7 @@ class _Part:
     error: str | None = None
     result: object = None
     inspected_at: float | None = None
+    note: InputNote | None = None    # how far the decoded image was from the model's input
 
 
 # ------------------------------------------------------------------ reading
@@ -223,6 +227,10 @@ class Watcher:
         self._retry_delay = RETRY_FIRST_S
         self._outages: dict[str, str] = {}
         self._row_warned: set[tuple[str, int]] = set()
+        # The first part with each kind of input note is named in the log (on the commit thread).
+        self._note_warnings = NoteWarnings(f"Hot folder {source.folder}" if hasattr(source, "folder") else
+                                           f"Camera {source.uri}" if hasattr(source, "uri") else "Watch",
+                                           inspector.size)
 
     # -------------------------------------------------------------- control
 
@@ -401,6 +409,7 @@ class Watcher:
     def _prepare(self, part: _Part, image: np.ndarray, name: str) -> None:
         _check_pixels(name, image.shape[1] if image.ndim > 1 else 1, image.shape[0], self.max_pixels)
         part.image = preprocess(image, self.inspector.size)
+        part.note = input_note(image, self.inspector.size)
         if self.keep_images:
             part.original = image
 
@@ -491,7 +500,8 @@ class Watcher:
             score=result.score if ok else None, threshold=float(inspector.entry["threshold"]),
             criterion=inspector.criterion, criteria=json.dumps(result.criteria) if ok else None,
             model_sha256=self.model_sha256, error=part.error, read_at=part.read_at, inspected_at=part.inspected_at,
-            batch_size=result.batch_size if result is not None else None,
+            batch_size=result.batch_size if result is not None else None, polarity=inspector.entry["polarity"],
+            input_note=part.note.text if ok and part.note is not None else None,
         )
         return replace(record, sinks_pending=" ".join(s.name for s in self.sinks if s.wants(record)))
 
@@ -509,8 +519,11 @@ class Watcher:
             with self._lock:
                 self._counts[record.verdict] += 1
             _log_verdict(record)
+            if record.input_note is not None:
+                self._note_warnings(record.source if record.kind == "file" else f"frame {record.frame_index}",
+                                    part.note)
             amap = getattr(part.result, "anomaly_map", None)
-            keep = record.verdict == "ng"
+            keep = any(s.name == "heatmaps" and s.wants(record) for s in self.sinks)
             done.append(Done(record, part.original if keep else None, amap if keep else None))
         self._run_sinks(done)
         with self._lock:
@@ -653,8 +666,17 @@ def _log_verdict(record: Record) -> None:
     if record.verdict == "error":
         log.info("error  %s (#%d): %s", name, record.id, printable(record.error or ""))
     else:
-        log.info("%-5s  %s (#%d): score %.4g, threshold %.4g, %.0f ms", record.verdict, name, record.id,
-                 record.score, record.threshold, record.latency_ms)
+        score, threshold = numbers.score_pair(record.score, record.threshold)
+        log.info("%-5s  %s (#%d): score %s%s, threshold %s, %.0f ms", record.verdict, name, record.id, score,
+                 _raw_note(record), threshold, record.latency_ms)
+
+
+def _raw_note(record: Record) -> str:
+    """`` (min -0.4127)``: the raw value beside a decision score that is not the value itself; else nothing."""
+    if record.polarity == "high":
+        return ""
+    raw = record.raw_score
+    return f" ({record.criterion} {numbers.score(raw)})" if raw is not None else ""
 
 
 def default_ledger(folder: str | os.PathLike | None) -> Path:

@@ -64,13 +64,18 @@ def test_train_defaults_to_the_linear_ae(normal_dir, tmp_path):
 
 
 def test_demo_runs_the_main_job_end_to_end(tmp_path):
+    """Without the line (--no-line): the test parts go through the lean runtime in one batch. The line: tests/test_demo.py."""
     out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--out", str(out), "--count", "80", "--size", "32", "--components", "32"])
+    result = runner.invoke(app, ["demo", "--out", str(out), "--count", "80", "--size", "32", "--components", "32",
+                                 "--no-line"])
     assert result.exit_code == 0, result.output + result.stderr
     assert (out / "runs" / "linear-ae" / "eval" / "report.md").is_file()
     assert (out / "models" / "linear-ae" / "model.onnx").is_file()
+    assert not (out / "line").exists()
     text = " ".join(result.output.split())
-    assert "Lean runtime on the test parts" in text, text
-    assert "test/ok" in text and "test/ng" in text
+    assert "The lean runtime on the test parts" in text, text
+    assert "ok parts" in text and "ng parts" in text
+    report = (out / "runs" / "linear-ae" / "eval" / "report.html").resolve()
+    assert result.output.splitlines()[-1] == f"Report: {report} (open it in a browser)"
     again = runner.invoke(app, ["demo", "--out", str(out)])
     assert again.exit_code == 1 and "already holds files" in again.stderr

@@ -1,6 +1,7 @@
 """The runtime commands through typer's CliRunner: export, predict, benchmark."""
 
 import json
+import re
 import shutil
 
 import cv2
@@ -13,7 +14,9 @@ from tests.runtime.conftest import conv_ae_run, model_dir, tiny_base  # noqa: F4
 from tests.support import write_parts
 
 runner = CliRunner()
-RESULT_KEYS = {"source", "verdict", "score", "threshold", "criterion", "criteria", "latency_ms", "batch_size", "error"}
+RESULT_KEYS = {"source", "verdict", "score", "raw_score", "threshold", "criterion", "polarity", "criteria",
+               "latency_ms", "batch_size", "error", "model", "model_sha256", "precision", "inspected_at",
+               "input_note"}
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +68,15 @@ def test_predict_table_criterion_and_heatmaps(model_dir, parts, tmp_path):  # no
     assert result.exit_code == 0, result.output + result.stderr
     text = " ".join(result.stdout.split())  # the title may wrap
     assert "criterion mse" in text and "verdict" in text
+    ng = int(re.search(r"(\d+) ng", result.stderr).group(1))
     written = sorted(out.glob("*.png"))
-    assert len(written) == 6
-    assert cv2.imread(str(written[0])).shape == (32, 32, 3)
+    assert 0 < len(written) == ng < 6  # overlays of NG parts only, unless asked
+    result = runner.invoke(app, ["predict", "--model", str(model_dir), str(parts / "ng"), "--criterion", "mse",
+                                 "--heatmaps", str(tmp_path / "all"), "--heatmaps-all"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert len(list((tmp_path / "all").glob("*.png"))) == 6
+    height, width, channels = cv2.imread(str(written[0])).shape
+    assert channels == 3 and width >= 512 and height > width  # enlarged to be read, a banner under the part
 
 
 def test_predict_errors(model_dir, parts, tmp_path):  # noqa: F811
@@ -116,8 +125,9 @@ def test_export_command(conv_ae_run, tmp_path):  # noqa: F811
     assert (tmp_path / "m" / "model.onnx").is_file() and "keras, " in result.stdout
     result = runner.invoke(app, ["export", str(conv_ae_run), "--out", str(tmp_path / "m")])
     assert result.exit_code == 0, result.stderr  # the same model's folder is replaced, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left
+    names = sorted(p.name for p in tmp_path.iterdir())  # the earlier export kept as a dated backup, no temporary folder
+    assert len(names) == 2 and names[0] == "m" and names[1].startswith("m.20"), names
     result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "m2")])
-    assert result.exit_code == 1 and "is not a run folder" in result.stderr
+    assert result.exit_code == 1 and "is not a trained run folder" in result.stderr
     result = runner.invoke(app, ["export", str(conv_ae_run), "--out", str(tmp_path / "m3"), "--opset", "7"])
     assert result.exit_code == 1 and "Unsupported opset 7" in result.stderr

@@ -1,9 +1,10 @@
-"""The heatmaps sink: an anomaly-map overlay PNG for each NG part.
+"""The heatmaps sink: an anomaly-map overlay PNG for each NG part (each part, when asked).
 
-The overlay (:func:`edge_inspect.inspector.heatmap_overlay`) is named after
-the part and its ledger row id, ``<stem>-<id>.png`` (``frame-<index>-<id>.png``
-for camera frames), so a replay writes the same file again rather than a
-second one. Each file is written to a hidden temporary name, synced, and
+The overlay (:func:`edge_inspect.inspector.heatmap_overlay`) carries the
+decision the ledger recorded (verdict, score, threshold, criterion). It is
+named after the part and its ledger row id, ``<stem>-<id>.png``
+(``frame-<index>-<id>.png`` for camera frames), so a replay writes the same
+file again rather than a second one. Each file is written to a hidden temporary name, synced, and
 renamed into place: a reader never sees half a PNG. A temporary file left by
 a killed process (its PID no longer runs) is removed at start, and one left
 by a failed write (a full disk) at once.
@@ -57,7 +58,7 @@ def _running(pid: int) -> bool:
 
 
 class HeatmapSink:
-    """Write an overlay PNG for each NG part into ``folder``.
+    """Write an overlay PNG for each NG part (and OK part, with ``every_part``) into ``folder``.
 
     The inspector must compute anomaly maps (``anomaly_map=True``).
 
@@ -65,6 +66,8 @@ class HeatmapSink:
         folder: where overlays go; created when missing.
         max_pixels: the pixel limit for parts decoded again on replay
             (default: :func:`~edge_inspect.preprocess.decode_image`'s).
+        every_part: overlays of OK parts too (``sinks.heatmaps_all``); an
+            ``error`` verdict has no map, so never an overlay.
 
     Raises:
         InputError: the folder cannot be created.
@@ -72,13 +75,14 @@ class HeatmapSink:
 
     name = "heatmaps"
 
-    def __init__(self, folder: str | os.PathLike, max_pixels: int | None = None):
+    def __init__(self, folder: str | os.PathLike, max_pixels: int | None = None, every_part: bool = False):
         # Absolute: the ledger records where each overlay went, for any later working directory.
         self.folder = Path(os.path.abspath(folder))
         #: Row id -> why the last call left it pending.
         self.failures: dict[int, str] = {}
         #: The watcher's pixel limit, for parts decoded again on replay.
         self.max_pixels = max_pixels
+        self.every_part = every_part
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -103,7 +107,7 @@ class HeatmapSink:
                                 exc.strerror or exc)
 
     def wants(self, record: Record) -> bool:
-        return record.verdict == "ng"
+        return record.verdict == "ng" or (self.every_part and record.verdict == "ok")
 
     def write(self, done: Sequence[Done]) -> dict[int, dict]:
         updates = {}
@@ -124,7 +128,9 @@ class HeatmapSink:
 
         from edge_inspect.inspector import heatmap_overlay
 
-        ok, encoded = cv2.imencode(".png", heatmap_overlay(image, anomaly_map))
+        overlay = heatmap_overlay(image, anomaly_map, score=record.score, threshold=record.threshold,
+                                  verdict=record.verdict, criterion=record.criterion)
+        ok, encoded = cv2.imencode(".png", overlay)
         if not ok:
             raise InputError(f"OpenCV could not encode the heatmap of row {record.id} as PNG.")
         target = self.folder / heatmap_name(record)

@@ -2,7 +2,9 @@
 
 Each line is the ledger row (:meth:`~edge_inspect.ledger.Record.to_dict`)
 with its row ``id``, without the ledger's bookkeeping (``identity``,
-``sinks_pending``). Lines are appended with ``O_APPEND`` in one ``write`` per
+``sinks_pending``), with the criterion's ``raw_score`` beside the decision
+``score``, and times as ISO 8601 with the UTC offset
+(:func:`edge_inspect.numbers.timestamp`). Lines are appended with ``O_APPEND`` in one ``write`` per
 batch and ``fsync``-ed before the ledger marks them done. After a crash:
 
 - a partial last line (a write cut by a power loss) is cut off at open;
@@ -22,6 +24,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from edge_inspect import numbers
 from edge_inspect.errors import InputError
 from edge_inspect.ledger import Record
 from edge_inspect.sinks.base import Done, fsync_dir
@@ -30,12 +33,20 @@ log = logging.getLogger(__name__)
 
 #: Ledger columns left out of the JSON line.
 OMITTED = ("identity", "sinks_pending")
+#: Ledger columns of Unix times, written as ISO 8601 text.
+TIMES = ("frame_time", "arrived_at", "read_at", "inspected_at", "committed_at")
 _BLOCK = 1 << 16
 
 
 def line(record: Record) -> bytes:
     """The JSON line of a row, newline included."""
-    data = {k: v for k, v in record.to_dict().items() if k not in OMITTED}
+    data = {}
+    for key, value in record.to_dict().items():
+        if key in OMITTED:
+            continue
+        data[key] = numbers.timestamp(value) if key in TIMES else value
+        if key == "score":
+            data["raw_score"] = record.raw_score
     return (json.dumps(data, separators=(",", ":")) + "\n").encode()
 
 

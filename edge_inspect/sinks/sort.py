@@ -3,11 +3,15 @@
 The folders live inside the watched folder (the hot folder excludes them),
 so a move is a rename on the same file system: atomic, never a copy. A name
 already taken in the target folder is never overwritten: the file gets the
-ledger row id in its name (``part_7.png`` -> ``part_7-1234.png``). A name
-that is not valid UTF-8 (bytes from a Windows share or an old camera) is
-given a UTF-8 one in its sort folder (:func:`~edge_inspect.sinks.base.safe_name`),
-so that the ledger, the JSON lines and every program downstream can name
-it. The move
+ledger row id in its name (``part_7.png`` -> ``part_7-1234.png``). A file
+from a sub-folder of the watched folder (a recursive watch) keeps its
+sub-folder in its sorted name, joined with ``~`` (``lineA/part_7.png`` ->
+``ng/lineA~part_7.png``): the sort folders stay flat, so the retention caps
+see every sorted file, and parts of the same name from two sub-folders stay
+apart. A name that is not valid UTF-8 (bytes from a Windows share or an old
+camera) is given a UTF-8 one in its sort folder
+(:func:`~edge_inspect.sinks.base.safe_name`), so that the ledger, the JSON
+lines and every program downstream can name it. The move
 links the new name first and then removes the old one (both names point to
 the same file in between), falling back to ``os.replace`` on file systems
 without hard links; the folders are synced before the ledger marks the
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: The sort folders, one per verdict.
 FOLDERS = ("ok", "ng", "error")
+#: Joins a part's sub-folders and name into its sorted name: ``lineA/part.png`` -> ``lineA~part.png``.
+SUBFOLDER_JOIN = "~"
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV, errno.ENOSYS}
 
 
@@ -106,6 +112,11 @@ class SortSink:
     def _candidates(self, record: Record) -> Iterator[Path]:
         """The names this sink gives the file, in the order it tries them."""
         stem, suffix = split_name(safe_name(record.path.name))
+        try:
+            subfolders = record.path.parent.relative_to(self.folder).parts
+        except ValueError:  # not under the watched folder: its name alone
+            subfolders = ()
+        stem = "".join(f"{safe_name(part)}{SUBFOLDER_JOIN}" for part in subfolders) + stem
         folder = self.folder / record.verdict
         yield folder / fit_name(stem, suffix)
         yield folder / fit_name(stem, f"-{record.id}{suffix}")

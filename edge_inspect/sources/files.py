@@ -22,11 +22,11 @@ import numpy as np
 
 from edge_inspect.errors import EdgeInspectError, InputError
 from edge_inspect.inspector import Inspector, Result
-from edge_inspect.preprocess import is_image_name, read_image
+from edge_inspect.preprocess import NoteWarnings, is_image_name, read_image
 
 
 def iter_image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The files to inspect: each file as given, each folder's images recursively.
+    """The files to inspect, as absolute paths: each file as given, each folder's images recursively.
 
     Folders contribute the files with an image suffix
     (:data:`edge_inspect.preprocess.IMAGE_SUFFIXES`), sorted; a file named
@@ -37,7 +37,7 @@ def iter_image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
         InputError: nothing to inspect (no paths, or only empty folders).
     """
     files: list[Path] = []
-    for path in map(Path, paths):
+    for path in (Path(os.path.abspath(p)) for p in paths):  # absolute: results name each file unambiguously
         if path.is_dir():
             files += sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
         else:
@@ -54,7 +54,10 @@ def inspect_files(inspector: Inspector, paths: Sequence[str | os.PathLike], *,
 
     Decoding runs on a thread pool (OpenCV releases the GIL) while the
     previous batch is inspected. A file that cannot be read or decoded gets
-    an ``error`` result with the reason; inspection goes on.
+    an ``error`` result with the reason; inspection goes on. The first image
+    with each kind of input note (colour, much larger or smaller than the
+    model's input, another aspect ratio; see :class:`~edge_inspect.preprocess.NoteWarnings`)
+    is named in a warning in the log; every result carries its own note.
 
     Args:
         inspector: the loaded model.
@@ -77,6 +80,7 @@ def inspect_files(inspector: Inspector, paths: Sequence[str | os.PathLike], *,
             return None, str(exc)
 
     size = inspector.batch_size
+    warn = NoteWarnings("predict", inspector.size)
     chunks = [files[i:i + size] for i in range(0, len(files), size)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = pool.submit(lambda c: [read(p) for p in c], chunks[0])
@@ -89,7 +93,8 @@ def inspect_files(inspector: Inspector, paths: Sequence[str | os.PathLike], *,
             for i, (image, reason) in enumerate(decoded):
                 if image is None:
                     result = Result("error", None, float(inspector.entry["threshold"]), inspector.criterion,
-                                    source=str(chunk[i]), error=reason)
+                                    source=str(chunk[i]), error=reason, polarity=inspector.entry["polarity"])
                 else:
                     result = next(inspected)
+                    warn(str(chunk[i]), result.input_note)
                 yield result, (image if keep_images else None)

@@ -50,7 +50,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileMovedEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileSystemEventHandler,
+)
 
 from edge_inspect.errors import ConfigError, SourceError
 from edge_inspect.preprocess import is_image_name
@@ -65,6 +72,8 @@ DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "*~")
 _LIVENESS_S = 2.0
 #: Yielded files remembered before the ones gone from the folder are forgotten.
 _REMEMBERED = 1024
+#: Entries looked at, at most, to tell whether a sub-folder that is not watched holds images (per scan).
+_PEEK_ENTRIES = 2000
 _STOP = object()
 _OVERFLOW = object()
 
@@ -117,7 +126,12 @@ class HotFolder:
             ledger deduplicates files already inspected: restarting after a
             crash or a power cut catches up with the files that arrived while
             the service was down, and inspects nothing twice.
-        recursive: also watch sub-folders.
+        recursive: also yield the files in sub-folders, at any depth, those
+            created after the start included (a new sub-folder's files
+            that no close event reports are settled as a rescan's are).
+            Off, a sub-folder holding image files is named in a warning,
+            once, when a scan finds it (at start, at each rescan or poll)
+            or when it is moved in.
         exclude: sub-folders never yielded from (the watch pipeline sorts
             files into ``ok/``, ``ng/`` and ``error/`` inside the watched
             folder): absolute paths, or relative ones, taken both from the
@@ -176,6 +190,9 @@ class HotFolder:
         self._ignore_re = re.compile("|".join(fnmatch.translate(p) for p in self.ignore) or r"(?!)", re.DOTALL)
         self.backlog = backlog
         self.recursive = recursive
+        #: Sub-folders not watched (``recursive`` off) already named in a warning for holding images.
+        self._unwatched: set[Path] = set()
+        self._unwatched_lock = threading.Lock()
         excluded: list[Path] = []
         for sub in map(Path, exclude):
             # A relative sub-folder may be meant from the working directory (a
@@ -284,6 +301,53 @@ class HotFolder:
         log.warning("Hot folder %s: %s is %s, not a file; it gets no verdict. Move it away, or drop the image file "
                     "itself in the folder.", self.folder, path.name, kind)
 
+    def check_unwatched(self, folder: Path) -> None:
+        """Warn once if ``folder``, a sub-folder that is not watched (``recursive`` off), holds image files.
+
+        Excluded, hidden and ignored sub-folders are not looked into; nor is
+        one already named. At most :data:`_PEEK_ENTRIES` entries are looked
+        at per call, so a large tree without images costs little at each scan.
+        """
+        if (self.recursive or folder.parent != self.folder or folder in self._unwatched
+                or self._skipped_dir(folder.name) or any(folder.is_relative_to(e) for e in self.exclude)):
+            return
+        image = self._first_image(folder)
+        if image is None:
+            return
+        with self._unwatched_lock:
+            if folder in self._unwatched:
+                return
+            self._unwatched.add(folder)
+        log.warning("Hot folder %s: its sub-folder %s holds image files (%s, perhaps more) that are not inspected: "
+                    "only the files directly in the folder are. To inspect sub-folders too, watch with --recursive, "
+                    "or set recursive = true in the source's configuration; or move the images into %s.",
+                    self.folder, folder.name, image.relative_to(folder).as_posix(), self.folder)
+
+    def _first_image(self, folder: Path) -> Path | None:
+        """A file with an image name under ``folder`` (hidden, ignored and excluded folders skipped), or None."""
+        pending, seen = [folder], 0
+        while pending and seen < _PEEK_ENTRIES:
+            try:
+                with os.scandir(pending.pop()) as listing:
+                    for entry in listing:
+                        seen += 1
+                        if seen > _PEEK_ENTRIES:
+                            break
+                        try:
+                            is_dir = entry.is_dir(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if is_dir:
+                            path = Path(entry.path)
+                            if not self._skipped_dir(entry.name) and not any(path.is_relative_to(e)
+                                                                              for e in self.exclude):
+                                pending.append(path)
+                        elif is_image_name(entry.name) and not self._ignored(entry.name):
+                            return Path(entry.path)
+            except OSError:
+                continue
+        return None
+
     def check_identity(self) -> None:
         """Raise :class:`SourceError` when the folder was removed, renamed or replaced since the start."""
         try:
@@ -348,8 +412,10 @@ class HotFolder:
                     if (self.recursive and not self._skipped_dir(entry.name)
                             and not any(path.is_relative_to(e) for e in self.exclude)):
                         pending.append(path)
-                    elif not self.recursive and is_image_name(entry.name) and not self._ignored(entry.name):
-                        self._note(path, "a folder")
+                    elif not self.recursive:
+                        if is_image_name(entry.name) and not self._ignored(entry.name):
+                            self._note(path, "a folder")
+                        self.check_unwatched(path)
                 elif not self._ignored(entry.name):
                     item = self._item(Path(entry.path), entry)
                     if item is not None:
@@ -376,7 +442,8 @@ class HotFolder:
                 # arrives as a move with an empty source, not as a creation.
                 observer = InotifyObserver(generate_full_events=True)
                 observer.schedule(_Handler(self), str(self.folder), recursive=self.recursive,
-                                  event_filter=[FileClosedEvent, FileMovedEvent, DirMovedEvent, DirDeletedEvent])
+                                  event_filter=[FileClosedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent,
+                                                DirDeletedEvent])
                 observer.start()
                 _OverflowWatch.attach(observer, self)
             except OSError as exc:
@@ -419,6 +486,8 @@ class HotFolder:
                     pending.pop(message.path, None)
                     yielded.add(message)
                     yield message
+                elif isinstance(message, _Found):
+                    self._settle_later(message.items, yielded, pending)
                 elif message is _OVERFLOW:
                     log.warning("Hot folder %s: the kernel dropped file events (inotify queue overflow); "
                                 "rescanning the folder for the files they announced. If this recurs, raise "
@@ -495,13 +564,20 @@ class HotFolder:
         if self._stopping.is_set():
             return  # a partial scan: it would forget files still there
         yielded.keep(item.path for item in items)
+        missed = self._settle_later(items, yielded, pending)
+        if missed:
+            log.info("Hot folder %s: the rescan found %d file(s) no event reported, first %s",
+                     self.folder, len(missed), missed[0].path.name)
+
+    @staticmethod
+    def _settle_later(items: Sequence[FileItem], yielded: _Yielded,
+                      pending: dict[Path, tuple[tuple[int, int], float]]) -> list[FileItem]:
+        """Put the files no event yielded since they last changed in ``pending``, from now; returns them."""
         now = time.monotonic()
         missed = [item for item in items if item.path not in pending and not yielded.unchanged(item)]
         for item in missed:
             pending[item.path] = ((item.size, item.mtime_ns), now)
-        if missed:
-            log.info("Hot folder %s: the rescan found %d file(s) no event reported, first %s",
-                     self.folder, len(missed), missed[0].path.name)
+        return missed
 
     def _settled(self, pending: dict[Path, tuple[tuple[int, int], float]]) -> Iterator[FileItem]:
         now = time.monotonic()
@@ -581,6 +657,13 @@ class HotFolder:
                     return
             except queue.Empty:
                 pass
+
+
+@dataclass(frozen=True)
+class _Found:
+    """Files found in a new sub-folder, for the iterator to settle (no close event may come for them)."""
+
+    items: tuple[FileItem, ...]
 
 
 class _Yielded:
@@ -688,6 +771,16 @@ class _Handler(FileSystemEventHandler):
                     and (source is None or not source.is_relative_to(hot.folder))):
                 for item in hot._scan(dest):
                     hot._queue.put(item)
+            elif dest is not None and not hot.recursive:
+                hot.check_unwatched(dest)
+        elif isinstance(event, DirCreatedEvent):
+            # A new sub-folder is watched once the observer sees it: a file written and closed in it before
+            # then raised no close event. Settle what is there already, as a rescan does.
+            path = Path(os.fsdecode(event.src_path))
+            if hot.recursive and path != hot.folder and hot._wanted_dir(path):
+                items = hot._scan(path)
+                if items:
+                    hot._queue.put(_Found(tuple(items)))
         elif isinstance(event, DirDeletedEvent):
             if Path(os.fsdecode(event.src_path)) == hot.folder:
                 hot._queue.put(hot.gone())

@@ -263,3 +263,40 @@ def test_load_errors(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ModelCardError, match=r"expected a JSON object"):
         load_calibration(path)
+
+
+def test_weak_auc_warning_says_what_it_means_and_what_to_try():
+    from edge_inspect.calibrate import WEAK_AUC, weak_auc_warning
+
+    assert WEAK_AUC == 0.6
+    assert weak_auc_warning(0.6, "mse") is None and weak_auc_warning(0.93, "mse") is None
+    assert weak_auc_warning(None, "mse") is None and weak_auc_warning(float("nan"), "mse") is None
+    worse = weak_auc_warning(0.268, "smooth_range", "16 normal, 16 defective images")
+    assert "0.268 on 16 normal, 16 defective images, below 0.6" in worse and "worse than chance" in worse
+    near = weak_auc_warning(0.55, "mse")
+    assert "near chance" in near and "worse" not in near
+    for hint in ("--epochs", "linear-ae", "--size", "--criterion", "swapped"):
+        assert hint in worse and hint in near
+
+
+def test_few_shot_says_why_its_default_criterion_won():
+    """Two criteria equally best: the first in the table's order wins, and the text says so."""
+    from edge_inspect.calibrate import default_choice
+
+    rng = np.random.default_rng(5)
+    names = ("a", "b", "c")
+    normal = rng.normal(size=(40, 3))
+    anomalous = rng.normal(size=(6, 3))
+    anomalous[:, :2] += 10.0  # a and b separate perfectly, c not at all
+    cal = calibrate(normal, names, anomalous_scores=anomalous)
+    assert cal["default_criterion"] == "a" and cal["criteria"]["a"]["auc"] == cal["criteria"]["b"]["auc"] == 1.0
+    text = default_choice(cal)
+    assert "Default criterion a: the highest AUC-ROC (1.000)" in text and "tied with b" in text
+    assert "6 defective against 40 held-out normal images" in text
+    anomalous[0, 1] = np.median(normal[:, 1])  # one of b's defects looks normal: a wins outright, b is next
+    cal = calibrate(normal, names, anomalous_scores=anomalous)
+    text = default_choice(cal)
+    assert "tied" not in text and f"next is b ({cal['criteria']['b']['auc']:.3f})" in text
+    asked = default_choice(calibrate(normal, names, anomalous_scores=anomalous, default_criterion="c"), asked=True)
+    assert "Default criterion c" in asked and "as asked with --criterion" in asked and "is a's (1.000)" in asked
+    assert default_choice(calibrate(normal, names)) is None  # label-free: nothing was chosen by the defects

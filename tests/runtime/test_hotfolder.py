@@ -455,3 +455,75 @@ def test_an_inotify_queue_overflow_rescans_at_once_and_warns_once(tmp_path):
     log_lines = err_path.read_text().splitlines()
     warnings = [line for line in log_lines if line.startswith("WARNING edge_inspect") and "overflow" in line]
     assert len(warnings) == 1, log_lines
+
+
+# ------------------------------------------------------------------ sub-folders
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_recursive_yields_sub_folders_created_after_the_start_at_any_depth(watched, tmp_path, mode):
+    """No rescan in event mode: the new folders' own watches (and their settled contents) find every file."""
+    folder, start = watched
+    (folder / "old").mkdir()
+    (folder / "old" / "backlog.png").write_bytes(b"backlog")
+    collector = start(**MODES[mode], recursive=True, rescan=None)
+    collector.wait_for(lambda: "old/backlog.png" in collector.names(), "the backlog in a sub-folder")
+    _wait_started(collector)
+    (folder / "lineA").mkdir()
+    (folder / "lineA" / "first.png").write_bytes(b"written at once, perhaps before the folder is watched")
+    (folder / "deep" / "er").mkdir(parents=True)
+    (folder / "deep" / "er" / "nested.png").write_bytes(b"two levels down")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "moved.png").write_bytes(b"moved in")
+    collector.wait_for(lambda: {"lineA/first.png", "deep/er/nested.png"} <= set(collector.names()), "the new folders")
+    os.replace(staging / "moved.png", folder / "deep" / "er" / "moved.png")
+    (folder / "lineA" / "later.png").write_bytes(b"later")
+    (folder / "old" / "again.png").write_bytes(b"again")
+    collector.wait_for(lambda: {"deep/er/moved.png", "lineA/later.png", "old/again.png"} <= set(collector.names()),
+                       "the files after the new folders")
+    time.sleep(0.3 if mode == "event" else 2.0)  # a second yield of any file would have come by now
+    assert sorted(collector.names()) == sorted(["old/backlog.png", "probe.bin", "lineA/first.png", "deep/er/nested.png",
+                                                "deep/er/moved.png", "lineA/later.png", "old/again.png"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_without_recursive_each_sub_folder_of_images_is_named_once(watched, mode, caplog):
+    folder, start = watched
+    (folder / "lineA").mkdir()
+    (folder / "lineA" / "part.jpeg").write_bytes(b"not inspected")
+    for quiet in ("ok", ".edge-inspect", "notes"):  # excluded, hidden, no images: nothing to say
+        (folder / quiet).mkdir()
+        (folder / quiet / ("readme.txt" if quiet == "notes" else "part.png")).write_bytes(b"x")
+    (folder / "top.png").write_bytes(b"top")
+    with caplog.at_level("WARNING", logger="edge_inspect.sources.hotfolder"):
+        collector = start(**MODES[mode], rescan=0.2, exclude=[folder / "ok"])
+        collector.wait_for(lambda: "top.png" in collector.names(), "the backlog")
+        collector.wait_for(lambda: "lineA" in caplog.text, "the warning at start")
+        (folder / "lineA" / "more.png").write_bytes(b"more")
+        (folder / "lineB" / "deeper").mkdir(parents=True)
+        (folder / "lineB" / "deeper" / "part.tif").write_bytes(b"two levels down")
+        collector.wait_for(lambda: "lineB" in caplog.text, "the warning for a sub-folder made later")
+        time.sleep(1.0)  # several rescans or polls
+        (folder / "last.png").write_bytes(b"last")
+        collector.wait_for(lambda: "last.png" in collector.names(), "the last file")
+    warnings = [r.getMessage() for r in caplog.records if "holds image files" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert warnings[0] == (f"Hot folder {folder}: its sub-folder lineA holds image files (part.jpeg, perhaps more) "
+                           "that are not inspected: only the files directly in the folder are. To inspect "
+                           "sub-folders too, watch with --recursive, or set recursive = true in the source's "
+                           f"configuration; or move the images into {folder}.")
+    assert "sub-folder lineB holds image files (deeper/part.tif" in warnings[1]
+    assert sorted(collector.names()) == ["last.png", "top.png"]
+
+
+def test_without_recursive_a_sub_folder_moved_in_is_named_at_once(watched, tmp_path, caplog):
+    folder, start = watched
+    staging = tmp_path / "batch"
+    staging.mkdir()
+    (staging / "part.png").write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="edge_inspect.sources.hotfolder"):
+        collector = start(poll=None, settle=0.1, rescan=None)
+        _wait_started(collector)
+        os.rename(staging, folder / "batch")
+        collector.wait_for(lambda: "sub-folder batch holds image files" in caplog.text, "the warning")

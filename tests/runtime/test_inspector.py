@@ -86,8 +86,9 @@ def test_result_has_every_field(inspector):
     assert result.score == pytest.approx(result.criteria["smooth_range"])  # polarity "high"
     assert result.verdict == ("ng" if result.score > result.threshold else "ok")
     assert result.latency_ms > 0 and result.source == "a.png" and result.anomaly_map is None
-    assert set(result.to_dict()) == {"source", "verdict", "score", "threshold", "criterion", "criteria",
-                                     "latency_ms", "batch_size", "error"}
+    assert set(result.to_dict()) == {"source", "verdict", "score", "raw_score", "threshold", "criterion", "polarity",
+                                     "criteria", "latency_ms", "batch_size", "error", "input_note"}
+    assert result.input_note is None  # a 32 px grey part, as the model was trained on
 
 
 def test_batches_give_the_scores_of_single_images(inspector):
@@ -149,7 +150,7 @@ def test_criterion_override_and_anomaly_map(model_dir):
     assert result.criterion == "mse" and result.threshold == entry["threshold"]
     assert result.anomaly_map.shape == (32, 32) and result.anomaly_map.dtype == np.float32
     overlay = heatmap_overlay(np.kron(_parts(1)[0], np.ones((2, 2), np.uint8)), result.anomaly_map)
-    assert overlay.shape == (64, 64, 3) and overlay.dtype == np.uint8
+    assert overlay.shape[1:] == (512, 3) and overlay.shape[0] > 512 and overlay.dtype == np.uint8  # enlarged, banner below
     with pytest.raises(ConfigError, match="Unknown criterion 'sharpness'"):
         Inspector.load(model_dir, device="cpu", criterion="sharpness")
 

@@ -182,7 +182,7 @@ def test_counts_last_since_and_csv(tmp_path):
     assert n == len(rows) == 3
     assert [r["verdict"] for r in rows] == verdicts[-3:]
     assert rows[0]["error"] == "cut short" and rows[0]["score"] == ""
-    assert json.loads(rows[1]["criteria"]) == {"range": 0.4}
+    assert "criteria" not in rows[0] and rows[1]["criteria.range"] == "0.4"  # one column per criterion
     assert "identity" not in rows[0] and rows[0]["id"] == "4"
 
 
@@ -236,12 +236,15 @@ def file_record(path: Path, verdict: str = "ok", **extra) -> Record:
 
 
 def fill(path: Path, n: int, batch: int = 500) -> dict[int, Record]:
-    """A closed ledger of ``n`` rows (every 5th ng, every 7th with the jsonl sink pending); returns id -> row."""
+    """A closed ledger of ``n`` rows (every 5th ng, every 7th with the jsonl sink pending, every 11th with an
+    input note); returns id -> row."""
     written = {}
     with Ledger.open(path) as ledger:
         for start in range(0, n, batch):
             rows = ledger.record([make_record(i, "ng" if i % 5 == 0 else "ok",
-                                              sinks_pending="jsonl" if i % 7 == 0 else "")
+                                              sinks_pending="jsonl" if i % 7 == 0 else "",
+                                              input_note="colour image (3 channels) converted to grey"
+                                              if i % 11 == 0 else None)
                                   for i in range(start, min(n, start + batch))])
             written.update((r.id, r) for r in rows)
     assert not Path(f"{path}-wal").exists()  # checkpointed at close: the file's pages hold every row
@@ -302,7 +305,7 @@ PRAGMA user_version = 1;
 
 def write_v1_ledger(path: Path, records: list[Record]) -> None:
     """A ledger as edge-inspect wrote it with schema version 1, in WAL mode."""
-    columns = [c for c in COLUMNS if c not in ("id", "source_raw", "sink_error")]
+    columns = [c for c in COLUMNS if c not in ("id", "source_raw", "sink_error", "polarity", "input_note")]
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.executescript(V1_SCHEMA)
@@ -415,11 +418,44 @@ def test_a_version_1_ledger_is_migrated_in_place_with_its_rows(tmp_path, caplog)
         (new,) = ledger.record([file_record(odd)])
         assert new.id == 4 and ledger.get(4).path == odd
         ledger.finish_sinks({2: {"sinks_pending": "", "sink_error": None, "sorted_path": "/line/ng/part_2.png"}})
-    assert "upgraded from version 1 to 3" in caplog.text
+    assert "upgraded from version 1 to 4" in caplog.text
     raw = sqlite3.connect(path)
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert sorted(row[1] for row in raw.execute("PRAGMA table_info(parts)")) == sorted(COLUMNS)
     assert raw.execute("SELECT count(*) FROM parts").fetchone()[0] == 4
+    raw.close()
+
+
+def test_a_version_3_ledger_gains_input_note_in_place_and_keeps_its_rows(tmp_path, caplog):
+    """Version 4 added the input note: a version-3 ledger (as the last release wrote it) keeps every row."""
+    path = tmp_path / "l.sqlite"
+    old = [make_record(1), make_record(2, "ng", sinks_pending="jsonl"), make_record(3, "error")]
+    with Ledger.open(path) as ledger:
+        ledger.record(old)
+    raw = sqlite3.connect(path)
+    for column in ("polarity", "input_note"):
+        raw.execute(f"ALTER TABLE parts DROP COLUMN {column}")
+    raw.execute("PRAGMA user_version = 3")
+    raw.commit()
+    raw.close()
+    expected = [replace(r, id=i) for i, r in enumerate(old, 1)]
+
+    with Ledger.open(path, readonly=True) as ledger:  # edge-inspect results: read as it is, the note NULL
+        assert list(ledger.rows()) == expected
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+
+    note = "1024x1024 scaled down 32.0x to 32x32"
+    with caplog.at_level("INFO", logger="edge_inspect.ledger"), Ledger.open(path) as ledger:
+        assert list(ledger.rows()) == expected
+        assert all(ledger.known(r.identity) for r in old)
+        (new,) = ledger.record([make_record(4, input_note=note)])
+        assert ledger.get(new.id).input_note == note and ledger.get(1).input_note is None
+        assert new.to_dict()["input_note"] == note
+        assert [r.id for r in ledger.pending()] == [2]
+    assert "upgraded from version 3 to 4" in caplog.text
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT id, input_note FROM parts ORDER BY id").fetchall() == [
+        (1, None), (2, None), (3, None), (4, note)]
     raw.close()
 
 

@@ -74,3 +74,60 @@ def test_empty_truncated_and_garbage_bytes_are_refused():
 def test_missing_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="cannot be read"):
         read_image(tmp_path / "gone.png")
+
+
+# ------------------------------------------------------------------ input notes
+
+
+def test_input_note_names_colour_size_and_aspect_beyond_their_limits():
+    from edge_inspect.preprocess import input_note
+
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, (300, 300), np.uint8)
+    assert input_note(grey, (256, 256)) is None
+    # A grey image stored with three equal channels (as JPEG cameras often do), a little JPEG noise on it: not colour.
+    stored = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    noisy = np.clip(stored.astype(int) + rng.integers(-3, 4, stored.shape), 0, 255).astype(np.uint8)
+    assert input_note(stored, (256, 256)) is None and input_note(noisy, (256, 256)) is None
+    colour = stored.copy()
+    colour[100:140, 100:140, 2] = 255  # a red patch
+    note = input_note(colour, (256, 256))
+    assert note.kinds == ("colour",) and note.text == "colour image (3 channels) converted to grey"
+    assert input_note(np.dstack([colour, np.full((300, 300), 255, np.uint8)]), (256, 256)).text == (
+        "colour image (4 channels) converted to grey")
+    assert input_note((colour.astype(np.uint16) * 257), (256, 256)).kinds == ("colour",)  # 16-bit: its own scale
+    assert input_note(colour.astype(np.float32) / 255, (256, 256)).kinds == ("colour",)
+
+    # The limits: 2x either way by pixel count, 1.2 on the aspect ratio.
+    assert input_note(np.zeros((512, 512), np.uint8), (256, 256)) is None
+    assert input_note(np.zeros((128, 128), np.uint8), (256, 256)) is None
+    assert input_note(np.zeros((256, 307), np.uint8), (256, 256)) is None
+    huge = input_note(np.zeros((1024, 1024), np.uint8), (256, 256))
+    assert huge.kinds == ("larger",) and huge.text == "1024x1024 scaled down 4.0x to 256x256"
+    tiny = input_note(np.zeros((16, 16), np.uint8), (64, 64))
+    assert tiny.kinds == ("smaller",) and tiny.text == "16x16 scaled up 4.0x to 64x64"
+    wide = input_note(np.zeros((256, 400), np.uint8), (256, 256))
+    assert wide.kinds == ("aspect",) and wide.text == "400x256 resized to 256x256, aspect ratio 1.56 stretched to 1.00"
+    both = input_note(np.zeros((1024, 2048, 3), np.uint8) + np.array([0, 0, 200], np.uint8), (256, 256))
+    assert both.kinds == ("colour", "larger", "aspect")
+    assert both.text == ("colour image (3 channels) converted to grey; "
+                         "2048x1024 scaled down 5.7x to 256x256, aspect ratio 2.00 stretched to 1.00")
+
+
+def test_note_warnings_name_the_first_part_of_each_kind_once(caplog):
+    from edge_inspect.preprocess import NoteWarnings, input_note
+
+    warn = NoteWarnings("Hot folder /line", (64, 64))
+    colour = np.zeros((64, 64, 3), np.uint8)
+    colour[..., 2] = 200
+    with caplog.at_level("WARNING", logger="edge_inspect.preprocess"):
+        warn("a.png", input_note(colour, (64, 64)))
+        warn("b.png", input_note(colour, (64, 64)))                      # the same kind: nothing
+        warn("c.png", None)
+        warn("d.png", input_note(np.zeros((8, 8), np.uint8), (64, 64)))   # a new kind
+        warn("e.png", input_note(np.zeros((9, 9), np.uint8), (64, 64)))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("Hot folder /line: a.png is inspected, but not as the model was trained: "
+                                  "colour image (3 channels) converted to grey (the model takes 64x64 grey images)")
+    assert "d.png" in messages[1] and "8x8 scaled up 8.0x to 64x64" in messages[1] and "input_note" in messages[1]

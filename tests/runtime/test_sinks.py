@@ -133,6 +133,25 @@ def test_sort_replay_after_a_crash_moves_each_file_once(line):
     assert paths[4].exists() and paths[5].exists()
 
 
+def test_sort_keeps_a_sub_folder_in_the_name_and_replays_it_once(line):
+    """A recursive watch: parts of one name from the folder and two sub-folders land apart, in flat sort folders."""
+    folder, ledger = line
+    sink = SortSink(folder)
+    name = sorted(p for p in folder.iterdir() if p.is_file())[0].name
+    for sub in ("lineA", "lineA/deeper", os.fsdecode(b"cam\xff")):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / name).write_bytes((folder / name).read_bytes() + sub.encode("utf-8", "surrogateescape"))
+    top, a, deeper, odd = (committed(ledger, folder / sub / name, "ok") for sub in
+                           ("", "lineA", "lineA/deeper", os.fsdecode(b"cam\xff")))
+    os.replace(a.source, folder / "ok" / f"lineA~{name}")  # a crash after this move, before the ledger heard of it
+    updates = sink.replay([top, a, deeper, odd])
+    assert {r.id: Path(updates[r.id]["sorted_path"]).name for r in (top, a, deeper, odd)} == {
+        top.id: name, a.id: f"lineA~{name}", deeper.id: f"lineA~deeper~{name}", odd.id: f"cam%FF~{name}"}
+    assert sorted(p.name for p in (folder / "ok").iterdir()) == sorted(
+        [name, f"lineA~{name}", f"lineA~deeper~{name}", f"cam%FF~{name}"])
+    assert not any(p.is_file() for sub in ("lineA", os.fsdecode(b"cam\xff")) for p in (folder / sub).rglob("*"))
+
+
 def test_sort_leaves_a_replaced_file_alone(line):
     """The name now holds new content (a new part): the row's file is gone, the new one is not moved."""
     folder, ledger = line
@@ -157,7 +176,8 @@ def test_heatmap_written_atomically_under_a_stable_name(line, tmp_path):
     updates = sink.write([Done(record, image, amap)])
     target = tmp_path / "heat" / f"{path.stem}-{record.id}.png"
     assert updates == {record.id: {"heatmap": str(target)}}
-    assert cv2.imread(str(target)).shape == (*image.shape[:2], 3)
+    overlay = cv2.imread(str(target))
+    assert overlay.shape[1] == 512 and overlay.shape[0] > 512  # enlarged 16-fold, the decision's banner below
     assert sorted(os.listdir(tmp_path / "heat")) == [target.name]  # no temporary left behind
     assert sink.wants(record) and not sink.wants(Record(**{**record.__dict__, "verdict": "ok"}))
     assert heatmap_name(Record(**{**record.__dict__, "kind": "frame", "frame_index": 7})) == f"frame-7-{record.id}.png"

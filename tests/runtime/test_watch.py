@@ -311,3 +311,76 @@ def test_camera_frames_each_get_a_verdict(inspector, tmp_path):
     assert {r["kind"] for r in got} == {"frame"} and {r["source"] for r in got} == {str(video)}
     assert all(r["sha256"] is None and r["frame_time"] <= r["committed_at"] for r in got)
     assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 5
+
+
+# ------------------------------------------------------------------ sub-folders and input notes
+
+
+def test_a_recursive_watch_sorts_sub_folder_parts_under_unique_flat_names(inspector, tmp_path):
+    folder = tmp_path / "in"
+    for sub in ("", "lineA", "lineA/deeper"):
+        write_parts(folder / sub, 1, size=32, seed=30)  # part_00000.png three times, in three folders
+    ledger_path = folder / ".edge-inspect" / "ledger.sqlite"
+    with Ledger.open(ledger_path) as ledger:
+        sort = SortSink(folder)
+        with HotFolder(folder, settle=0.1, recursive=True, exclude=sort.folders) as source:
+            running = Running(Watcher(source, inspector, ledger, sinks=[sort]))
+            wait_for(lambda: count(ledger_path) == 3, what="the backlog")
+            write_parts(folder / "lineB", 1, size=32, seed=31)  # a sub-folder made while watching
+            wait_for(lambda: count(ledger_path) == 4, what="the part in the new sub-folder")
+            wait_for(lambda: all(r["sinks_pending"] == "" for r in rows(ledger_path)), what="the sort")
+            running.stop()
+    got = {Path(r["source"]).relative_to(folder).as_posix(): Path(r["sorted_path"]) for r in rows(ledger_path)}
+    assert {source: path.name for source, path in got.items()} == {
+        "part_00000.png": "part_00000.png", "lineA/part_00000.png": "lineA~part_00000.png",
+        "lineA/deeper/part_00000.png": "lineA~deeper~part_00000.png", "lineB/part_00000.png": "lineB~part_00000.png"}
+    assert all(path.parent.parent == folder and path.is_file() for path in got.values())  # the sort folders stay flat
+    assert not any(p.is_file() for p in (folder / "lineA").rglob("*"))
+
+
+def _colour_part(seed: int, size: int = 32) -> np.ndarray:
+    grey = make_part(np.random.default_rng(seed), size=size)[0]
+    colour = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    colour[: size // 4, : size // 4] = (0, 0, 255)  # a red mark in a corner
+    return colour
+
+
+def write_noted_parts(folder: Path) -> dict[str, str | None]:
+    """Parts far from the 32 px grey model's input, and one close to it: name -> the note each should get."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(33)
+    cv2.imwrite(str(folder / "colour1.png"), _colour_part(1))
+    cv2.imwrite(str(folder / "colour2.png"), _colour_part(2))
+    cv2.imwrite(str(folder / "tiny.png"), cv2.resize(make_part(rng, size=32)[0], (8, 8)))
+    cv2.imwrite(str(folder / "huge.png"), cv2.resize(make_part(rng, size=32)[0], (256, 256)))
+    cv2.imwrite(str(folder / "grey-as-colour.png"), cv2.cvtColor(make_part(rng, size=32)[0], cv2.COLOR_GRAY2BGR))
+    colour = "colour image (3 channels) converted to grey"
+    return {"colour1.png": colour, "colour2.png": colour, "tiny.png": "8x8 scaled up 4.0x to 32x32",
+            "huge.png": "256x256 scaled down 8.0x to 32x32", "grey-as-colour.png": None}
+
+
+def test_parts_far_from_the_input_are_noted_in_the_ledger_and_the_results_and_warned_once(inspector, tmp_path,
+                                                                                            caplog):
+    folder = tmp_path / "in"
+    expected = write_noted_parts(folder)
+    results = tmp_path / "verdicts.jsonl"
+    ledger_path = folder / ".edge-inspect" / "ledger.sqlite"
+    with caplog.at_level("WARNING"), Ledger.open(ledger_path) as ledger:
+        with HotFolder(folder, settle=0.0) as source:
+            running = Running(Watcher(source, inspector, ledger, sinks=[JsonlSink(results)]))
+            wait_for(lambda: count(ledger_path) == 5, what="5 verdicts")
+            cv2.imwrite(str(folder / "colour3.png"), _colour_part(3))  # the same kind again, later
+            wait_for(lambda: count(ledger_path) == 6, what="the sixth verdict")
+            running.stop()
+    expected["colour3.png"] = expected["colour1.png"]
+    got = {Path(r["source"]).name: r for r in rows(ledger_path)}
+    assert {name: r["input_note"] for name, r in got.items()} == expected
+    assert all(r["verdict"] in ("ok", "ng") for r in got.values())  # noted, and inspected all the same
+    lines = {Path(line["source"]).name: line for line in map(json.loads, results.read_text().splitlines())}
+    assert {name: line["input_note"] for name, line in lines.items()} == expected
+    warned = [r.getMessage() for r in caplog.records if "not as the model was trained" in r.getMessage()]
+    assert len(warned) == 3, warned  # colour, smaller, larger: once each
+    assert sum(f"{folder / 'colour'}" in m for m in warned) == 1
+    assert any(f"{folder / 'tiny.png'} is inspected" in m for m in warned)
+    assert any(f"{folder / 'huge.png'} is inspected" in m and "(the model takes 32x32 grey images)" in m
+               for m in warned)
