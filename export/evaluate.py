@@ -20,9 +20,10 @@ from typing import Callable
 
 import numpy as np
 
-from edge_inspect.calibrate import load_calibration, oriented
-from edge_inspect.errors import InputError, ModelCardError
+from edge_inspect.calibrate import oriented, weak_auc_warning
+from edge_inspect.errors import InputError
 from edge_inspect.kernels import CRITERIA
+from edge_inspect.numbers import metric
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,27 @@ class Evaluation:
     calibration_mode: str
     metrics: dict[str, dict[str, float]]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    #: The evaluated images, their labels (1: defective) and each criterion's oriented scores and threshold.
+    paths: list[Path] = field(default_factory=list, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
+    scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    #: Every missed defect and false alarm of the default criterion (:func:`export.report.misjudged`).
+    cases: list = field(default_factory=list, repr=False)
+    #: The HTML report, once written.
+    report: Path | None = None
 
     @property
     def prevalence(self) -> float:
         """AUC-PR of a chance classifier."""
         return self.n_anomalous / (self.n_normal + self.n_anomalous)
+
+    @property
+    def warning(self) -> str | None:
+        """What a default criterion near or below chance means and what to try; None when it separates."""
+        measured = self.metrics.get(self.default_criterion, {}).get("auc_roc")
+        return weak_auc_warning(measured, self.default_criterion,
+                                f"{self.n_normal} normal, {self.n_anomalous} defective images")
 
 
 def criterion_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
@@ -96,17 +113,15 @@ def evaluate(
         InputError: a folder with no readable image.
     """
     from export.data import scan_folder
+    from export.run_folder import RunFolder
     from export.scoring import load_run, score_paths
 
-    run_dir = Path(run_dir)
-    cal_path = run_dir / "calibration.json"
-    if (run_dir / "model.keras").is_file() and not cal_path.is_file():
-        raise ModelCardError(
-            f"'{run_dir}' has no calibration.json, so there is no threshold to evaluate. "
-            f"Run: edge-inspect calibrate {run_dir}"
-        )
+    folder = RunFolder(run_dir)
+    run_dir, cal_path = folder.path, folder.calibration_path
+    if folder.model_file is not None:  # else load_run says what is missing
+        folder.require_calibration("evaluate")
     run = load_run(run_dir)
-    calibration = load_calibration(cal_path)
+    calibration = folder.calibration()
     folders = {}
     for label, folder in (("normal", normal_dir), ("anomalous", anomalous_dir)):
         try:
@@ -138,6 +153,10 @@ def evaluate(
         calibration_mode=calibration["mode"],
         metrics=metrics,
         skipped=folders["normal"].skipped + folders["anomalous"].skipped,
+        paths=paths,
+        labels=labels,
+        scores=oriented_scores,
+        thresholds={name: calibration["criteria"][name]["threshold"] for name in names},
     )
     out = Path(out_dir) if out_dir else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -149,6 +168,10 @@ def evaluate(
     plots.histograms(labels, oriented_scores, thresholds, out / "histograms.png")
     name = result.default_criterion
     plots.gallery(run, paths, labels, oriented_scores[name], thresholds[name], name, out / "gallery.png", count=gallery)
+    from export.report import misjudged, write_report
+
+    result.cases = misjudged(run, paths, labels, oriented_scores[name], thresholds[name])
+    result.report = write_report(result, out)
     return result
 
 
@@ -174,7 +197,7 @@ def write_tables(result: Evaluation, out: Path) -> None:
         f"# Evaluation of `{result.run_dir}`",
         "",
         f"- {result.n_normal} normal and {result.n_anomalous} defective images (defective is positive); "
-        f"a chance classifier's AUC-PR is {result.prevalence:.4f}.",
+        f"a chance classifier's AUC-PR is {metric(result.prevalence)}.",
         f"- Thresholds: {result.calibration_mode} calibration; default criterion **{result.default_criterion}**.",
         "- *Oracle* columns use the best threshold on this very set, chosen with its labels.",
         "",
@@ -184,8 +207,9 @@ def write_tables(result: Evaluation, out: Path) -> None:
     for name, m in result.metrics.items():
         mark = " (default)" if name == result.default_criterion else ""
         lines.append(
-            f"| {name}{mark} | {m['auc_roc']:.4f} | {m['auc_pr']:.4f} | {m['f1']:.4f} | {m['accuracy']:.4f} | "
-            f"{m['false_alarm_rate']:.4f} | {m['recall']:.4f} | {m['f1_oracle']:.4f} | {m['accuracy_oracle']:.4f} |"
+            f"| {name}{mark} | " + " | ".join(metric(m[c]) for c in ("auc_roc", "auc_pr", "f1", "accuracy",
+                                                                   "false_alarm_rate", "recall", "f1_oracle",
+                                                                   "accuracy_oracle")) + " |"
         )
     lines += ["", "![ROC](roc.png) ![PR](pr.png)", "", "![Score histograms](histograms.png)", "", "![Worst misses](gallery.png)", ""]
     if result.skipped:

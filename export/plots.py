@@ -1,4 +1,7 @@
-"""Pictures of an evaluation: ROC and PR curves, score histograms, worst misses.
+"""Pictures of a run: ROC and PR curves, score histograms, worst misses, the loss per epoch.
+
+Each criterion keeps one colour (:func:`criterion_colours`) in every curve,
+and the HTML report's table shows the same colour beside its name.
 
     >>> curves(labels, {"range": s1, "mse": s2}, "range", Path("eval"))
 """
@@ -14,28 +17,45 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def criterion_colours(names) -> dict[str, str]:
+    """A distinct colour (``#rrggbb``) for each criterion, in order: the 10 strong tab20 colours, then the pale ones."""
+    from matplotlib.colors import to_hex
+
+    palette = plt.get_cmap("tab20").colors
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return {name: to_hex(palette[order[i % 20]]) for i, name in enumerate(names)}
+
+
 def curves(labels: np.ndarray, scores: dict[str, np.ndarray], highlight: str, out: Path) -> None:
-    """``roc.png`` and ``pr.png``: one curve per criterion, the default in bold."""
-    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+    """``roc.png`` and ``pr.png``: one curve per criterion, the default in bold.
+
+    The legend gives each criterion's AUC-ROC and AUC-PR (average
+    precision) as the metrics table does, in the colour of
+    :func:`criterion_colours`.
+    """
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
     prevalence = labels.mean()
+    colours = criterion_colours(scores)
     for kind in ("roc", "pr"):
         fig, ax = plt.subplots(figsize=(6, 5))
         for name, s in scores.items():
             if kind == "roc":
                 x, y, _ = roc_curve(labels, s)
-                area = auc(x, y)
+                area = roc_auc_score(labels, s)
             else:
                 y, x, _ = precision_recall_curve(labels, s)
-                area = auc(x, y)
+                area = average_precision_score(labels, s)
             bold = name == highlight
-            ax.plot(x, y, lw=2.5 if bold else 1.0, alpha=1.0 if bold else 0.7, label=f"{name} ({area:.3f})", zorder=3 if bold else 2)
+            ax.plot(x, y, lw=2.5 if bold else 1.2, alpha=1.0 if bold else 0.8, color=colours[name],
+                    label=f"{name}{' (default)' if bold else ''} {area:.3f}", zorder=3 if bold else 2)
         if kind == "roc":
             ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="chance")
-            ax.set(xlabel="false-alarm rate (normal flagged)", ylabel="recall (defects caught)", title="ROC")
+            ax.set(xlabel="false-alarm rate (normal flagged)", ylabel="recall (defects caught)",
+                   title="ROC (legend: AUC-ROC)")
         else:
-            ax.axhline(prevalence, color="k", ls=":", lw=0.8, label=f"chance ({prevalence:.3f})")
-            ax.set(xlabel="recall", ylabel="precision", title="Precision-recall")
+            ax.axhline(prevalence, color="k", ls=":", lw=0.8, label=f"chance {prevalence:.3f}")
+            ax.set(xlabel="recall", ylabel="precision", title="Precision-recall (legend: AUC-PR)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
         fig.tight_layout()
@@ -109,3 +129,44 @@ def gallery(run, paths, labels, scores, threshold, criterion, path: Path, *, cou
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def loss(history: list[dict], path: Path, title: str) -> Path:
+    """Write ``loss.png``: training and validation loss per epoch, on whole-number epoch ticks.
+
+    Args:
+        history: one row per epoch: ``epoch`` and the Keras logs (``loss``,
+            ``val_loss``, and the VAE's ``reconstruction_loss`` and ``kl_loss``).
+        path: the PNG to write.
+        title: the figure's title.
+
+    Returns:
+        ``path``.
+    """
+    fig = loss_figure(history, title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def loss_figure(history: list[dict], title: str):
+    """The figure of :func:`loss`, one panel per loss term, not yet saved."""
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [row["epoch"] for row in history]
+    terms = [k for k in ("loss", "reconstruction_loss", "kl_loss") if any(k in row for row in history)]
+    fig, axes = plt.subplots(1, len(terms), figsize=(4.5 * len(terms), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], terms):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = [row.get(prefix + key, np.nan) for row in history]
+            ax.plot(epochs, values, style, marker=".", label=("validation " if prefix else "training ") + key)
+        ax.set_xlabel("epoch")
+        # Half an epoch of room on each side: without it one or two epochs get ticks such as 0.95 and 1.05.
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_title(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -78,4 +78,4 @@ def test_evaluate_cli_prints_the_table(trained_run, big_defects, tmp_path):
     assert result.exit_code == 0, result.output + result.stderr
     assert "AUC-ROC" in result.output and "range" in result.output and "oracle" in result.output
     result = runner.invoke(app, ["evaluate", str(tmp_path), "--normal", str(big_defects / "ok"), "--anomalous", str(big_defects / "def")])
-    assert result.exit_code == 1 and "not a run folder" in result.stderr
+    assert result.exit_code == 1 and "not a trained run folder" in result.stderr
