@@ -32,7 +32,7 @@ def main() -> None:
 
     from export.data import list_files, load_batch
     from export.models import build_model
-    from export.train import _compile_args, _make_optimizer, _needs_targets, devices
+    from export.train import _make_optimizer, devices
 
     files = list_files(args.data)
     print(f"devices: {', '.join(devices())}; TF intra-op threads: {tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()}")
@@ -44,8 +44,8 @@ def main() -> None:
         for kind in args.models:
             keras.utils.set_random_seed(0)
             model = build_model(kind, (size, size))
-            model.compile(optimizer=_make_optimizer("adamax", 1e-3), **_compile_args(model))
-            fit_args = (x, x) if _needs_targets(model) else (x,)
+            model.compile(optimizer=_make_optimizer("adamax", 1e-3))  # each model's train_step has its loss
+            fit_args = (x,)
             model.fit(*fit_args, batch_size=batch, epochs=1, verbose=0)  # warm-up, builds the graph
             start = time.perf_counter()
             model.fit(*fit_args, batch_size=batch, epochs=args.steps, verbose=0)

@@ -158,7 +158,9 @@ def main() -> int:
     import tensorflow as tf
 
     import export.models  # noqa: F401  (registers the model classes)
-    from export.to_onnx import _quant_images, convert, quantize_int8, subpixel_conv_transpose
+    from export.graph_rewrites import subpixel_conv_transpose
+    from export.quantize import int8_calibration_images, quantize_int8
+    from export.to_onnx import convert
     from export.scoring import load_run
 
     load0 = os.getloadavg()
@@ -189,7 +191,7 @@ def main() -> int:
     if not args.no_ablations:
         tmp = Path("/tmp") / f"bench-runtime-{os.getpid()}"
         tmp.mkdir(exist_ok=True)
-        quant_images = _quant_images(run)
+        quant_images = int8_calibration_images(run)
         plain_int8 = quantize_int8(plain, quant_images, tmp)
         early = subpixel_conv_transpose(plain)  # the last shuffle stays before the output Conv
         early_int8 = quantize_int8(early, quant_images, tmp)

@@ -29,9 +29,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_inspect.calibrate import calibrate, is_anomalous, oriented  # noqa: E402
+from edge_inspect.errors import ConfigError  # noqa: E402
 from edge_inspect.kernels import CRITERIA, criteria  # noqa: E402
 from export.data import load_batch  # noqa: E402
-from export.models.linear_ae import augment_d4, principal_components  # noqa: E402
+from export.models.linear_ae import augment_d4  # noqa: E402
 
 SHOWN = ("range", "min", "smooth_range", "smooth_min", "kurtosis")
 
@@ -55,6 +56,46 @@ def rotations(x: np.ndarray, n: int) -> np.ndarray:
             views.append(np.stack([cv2.warpAffine(np.ascontiguousarray(a), turn, (size, size), flags=cv2.INTER_LINEAR,
                                                   borderMode=cv2.BORDER_REFLECT) for a in mirrored]))
     return np.concatenate(views)
+
+
+def principal_components(images: np.ndarray, components: int, *, seed: int = 0,
+                         overwrite: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mean and leading principal axes of ``(n, H, W)`` images.
+
+    Randomized SVD (scikit-learn's, four power iterations) when far fewer
+    components than images and pixels are asked for, otherwise a full SVD;
+    both give the same subspace to well within what the criteria can tell
+    apart (``tests/export/test_models.py`` compares them).
+
+    With ``overwrite``, float32 ``images`` are centred in place instead of
+    copied (the augmented views of a large fit are gigabytes).
+
+    Returns:
+        ``(mean (P,), axes (K, P), explained)``: float32 mean and orthonormal
+        axes, and the share of the variance the axes explain.
+
+    Raises:
+        ConfigError: more components than images or pixels.
+    """
+    n = images.shape[0]
+    x = images.reshape(n, -1).astype(np.float32, copy=not overwrite)
+    if components > min(x.shape):
+        raise ConfigError(
+            f"components ({components}) must not exceed the number of training images ({n}, after "
+            f"augmentation) nor the pixel count ({x.shape[1]}). Choose --components {min(x.shape)} or fewer."
+        )
+    mean = x.mean(axis=0)
+    x -= mean
+    total = float(np.einsum("ij,ij->", x, x, dtype=np.float64))
+    if components < min(x.shape) // 2:
+        from sklearn.utils.extmath import randomized_svd
+
+        _, s, axes = randomized_svd(x, components, n_iter=4, random_state=seed)
+    else:
+        _, s, axes = np.linalg.svd(x, full_matrices=False)
+        s, axes = s[:components], axes[:components]
+    explained = float(np.sum(s.astype(np.float64) ** 2) / total) if total > 0 else 1.0
+    return mean, np.ascontiguousarray(axes, dtype=np.float32), explained
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ fused kernels as the runtime, with Keras in place of ONNX Runtime.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ import numpy as np
 
 from edge_inspect.errors import ModelCardError
 from edge_inspect.kernels import criteria
+from export.run_folder import RunFolder
 
 
 @dataclass
@@ -37,44 +37,41 @@ class Run:
     def kind(self) -> str:
         return self.config["train"]["model"]
 
-    def held_out_normals(self, needed_for: str = "This") -> list[Path]:
-        """The validation images of the run's split, which training never fitted.
+    @property
+    def folder(self) -> RunFolder:
+        """The run's files."""
+        return RunFolder(self.path)
 
-        Raises:
-            ModelCardError: some of them are gone; ``needed_for`` names what
-                needs them in the message.
-        """
-        split = json.loads((self.path / "split.json").read_text())
-        root = Path(split["root"])
-        normals = [root / rel for rel in split["val"]]
-        gone = [p for p in normals if not p.is_file()]
-        if gone:
-            raise ModelCardError(
-                f"{len(gone)} of the run's {len(normals)} held-out normal images are gone (first: {gone[0]}). "
-                f"{needed_for} needs them; restore the training folder or train a new run."
-            )
-        return normals
+    def held_out_normals(self, needed_for: str = "This") -> list[Path]:
+        """The validation images of the run's split (:meth:`RunFolder.held_out_normals`)."""
+        return self.folder.held_out_normals(needed_for)
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Load ``model.keras`` and ``config.json`` of a run folder.
+    """Load the model (``model.npz`` or ``model.keras``) and ``config.json`` of a run folder.
+
+    A linear-ae's ``model.npz`` loads without TensorFlow.
 
     Raises:
         ModelCardError: the folder is not a finished run folder.
     """
+    folder = RunFolder(run_dir)
+    path, missing = folder.path, folder.missing()
+    if missing:
+        raise ModelCardError(
+            f"'{path}' is not a run folder: {', '.join(missing)} missing. "
+            "Create one with: edge-inspect train --normal DIR --out RUN_DIR"
+        )
+    config, model_file = folder.config(), folder.model_file
+    if model_file.suffix == ".npz":
+        from export.pca import LinearPCA
+
+        return Run(path, LinearPCA.load(model_file), config)
     import keras
 
     import export.models  # noqa: F401  (registers the custom model classes)
 
-    path = Path(run_dir)
-    missing = [name for name in ("model.keras", "config.json", "split.json") if not (path / name).is_file()]
-    if missing:
-        raise ModelCardError(
-            f"'{path}' is not a run folder: {', '.join(missing)} missing. "
-            "Create one with: edge-inspect train --model conv-ae --normal DIR --out RUN_DIR"
-        )
-    config = json.loads((path / "config.json").read_text())
-    return Run(path, keras.models.load_model(path / "model.keras"), config)
+    return Run(path, keras.models.load_model(model_file), config)
 
 
 def reconstruct(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -160,5 +157,5 @@ def calibrate_run(
         anomalous_scores=anomalous_scores,
         default_criterion=criterion,
     )
-    save_calibration(cal, run.path / "calibration.json")
+    save_calibration(cal, run.folder.calibration_path)
     return cal

@@ -1,15 +1,8 @@
-"""Training: presets, fit with early stopping, resumable checkpoints, the run folder.
+"""Training: presets, fit with early stopping, resumable checkpoints.
 
-A run folder holds everything the rest of the tool needs:
-
-    RUN_DIR/
-      model.keras          the best model so far (lowest validation loss)
-      config.json          every hyperparameter, the data, the split, versions
-      split.json           which images trained and which were held out
-      skipped.txt          files that could not be used, with the reason
-      history.csv          loss per epoch (and the VAE's two terms)
-      loss.png             the loss curves
-      checkpoints/         last.keras + state.json, for --resume
+Training writes the run folder (:class:`export.run_folder.RunFolder` names
+its files): the model, ``config.json``, ``split.json``, ``skipped.txt``,
+``history.csv``, ``loss.png`` and ``checkpoints/`` for ``--resume``.
 
     >>> from export.train import TrainConfig, train
     >>> train(TrainConfig(model="conv-ae", normal_dir="parts/ok", out_dir="runs/a"))
@@ -17,8 +10,6 @@ A run folder holds everything the rest of the tool needs:
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import platform
@@ -31,6 +22,7 @@ import numpy as np
 from edge_inspect import __version__
 from edge_inspect.errors import ConfigError, InputError, ModelCardError
 from edge_inspect.preprocess import Preprocessing
+from export.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +81,15 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with every ``None`` filled from the preset, validated.
 
+        Needs no TensorFlow, so the command line checks its flags with it
+        before TensorFlow loads (seconds).
+
         Raises:
-            ConfigError: unknown preset, model or optimizer, or a bad number.
+            ConfigError: unknown preset, model, augmentation or optimizer, or
+                a bad number.
         """
-        from export.models import MODEL_KINDS
-        from export.models.linear_ae import AUGMENTATIONS
+        from edge_inspect.card import MODEL_KINDS
+        from export.pca import AUGMENTATIONS
 
         if self.preset not in PRESETS:
             raise ConfigError(f"Unknown preset '{self.preset}'. Choose one of: {', '.join(PRESETS)}.")
@@ -114,18 +110,18 @@ class TrainConfig:
                 "trains on the images as they are. Use --augment none."
             )
         checks = {
-            "size": filled.size >= 16,
-            "epochs": filled.epochs >= 1,
-            "batch_size": filled.batch_size >= 1,
-            "lr": 0 < filled.lr < 1,
-            "patience": filled.patience >= 1,
-            "latent_dim": filled.latent_dim >= 1,
-            "components": filled.components >= 1,
-            "val_fraction": 0 < filled.val_fraction < 1,
+            "size": (filled.size >= 16, "16 pixels or more"),
+            "epochs": (filled.epochs >= 1, "1 or more"),
+            "batch_size": (filled.batch_size >= 1, "1 or more"),
+            "lr": (0 < filled.lr < 1, "between 0 and 1, e.g. 0.001"),
+            "patience": (filled.patience >= 1, "1 epoch or more"),
+            "latent_dim": (filled.latent_dim >= 1, "1 or more"),
+            "components": (filled.components >= 1, "1 or more"),
+            "val_fraction": (0 < filled.val_fraction < 1, "between 0 and 1, e.g. 0.2"),
         }
-        for key, ok in checks.items():
+        for key, (ok, expected) in checks.items():
             if not ok:
-                raise ConfigError(f"At '{key}': {getattr(filled, key)!r} is out of range.")
+                raise ConfigError(f"At '{key}': {getattr(filled, key)!r} is out of range; expected {expected}.")
         if filled.optimizer not in OPTIMIZERS:
             raise ConfigError(f"At 'optimizer': unknown '{filled.optimizer}'. Choose one of: {', '.join(OPTIMIZERS)}.")
         return filled
@@ -148,12 +144,6 @@ class TrainResult:
     n_skipped: int
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _atomic_save_model(model, path: Path) -> None:
     # Keras insists on the .keras suffix, so the temporary name keeps it.
     tmp = path.with_name(f".{path.stem}.tmp.keras")
@@ -161,18 +151,26 @@ def _atomic_save_model(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def versions() -> dict:
-    """Versions of the software a run was made with."""
-    import keras
-    import tensorflow as tf
+def versions(*packages: str) -> dict:
+    """Versions of the software a run was made with, read from the installed packages.
 
-    return {
-        "edge_inspect": __version__,
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "numpy": np.__version__,
-    }
+    Reading package metadata imports nothing: the linear-ae's runs never
+    load TensorFlow.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        for package in (name, f"{name}-cpu", f"{name}_cpu", f"{name}-gpu"):  # TensorFlow's CPU-only wheel
+            try:
+                return version(package)
+            except PackageNotFoundError:
+                continue
+        return None
+
+    found = {"edge_inspect": __version__, "python": platform.python_version()}
+    for name in ("tensorflow", "keras", "numpy", *packages):
+        found[name] = installed(name)
+    return found
 
 
 def devices() -> list[str]:
@@ -197,13 +195,6 @@ def _make_optimizer(name: str, lr: float):
     return {"adamax": keras.optimizers.Adamax, "adam": keras.optimizers.Adam}[name](learning_rate=lr)
 
 
-def _needs_targets(model) -> bool:
-    """Plain autoencoders fit (x, x); models with their own train_step fit x."""
-    import keras
-
-    return type(model).train_step is keras.Model.train_step
-
-
 def _checkpoint_callback(run_dir: Path, state: dict, patience: int):
     """Saves last.keras + state.json every epoch and model.keras on improvement.
 
@@ -214,6 +205,8 @@ def _checkpoint_callback(run_dir: Path, state: dict, patience: int):
     Early stopping lives here too, so its counter survives a resume.
     """
     import keras
+
+    folder = RunFolder(run_dir)
 
     class Checkpoint(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -226,56 +219,18 @@ def _checkpoint_callback(run_dir: Path, state: dict, patience: int):
             val = logs.get("val_loss", logs.get("loss"))
             if val is not None and np.isfinite(val) and val < state["best_val_loss"]:
                 state.update(best_val_loss=val, best_epoch=epoch + 1, wait=0)
-                _atomic_save_model(self.model, run_dir / "model.keras")
+                _atomic_save_model(self.model, folder.keras_path)
             else:
                 state["wait"] += 1
             state["epoch"] = epoch + 1
-            _atomic_save_model(self.model, run_dir / "checkpoints" / "last.keras")
-            _atomic_write_text(run_dir / "checkpoints" / "state.json", json.dumps(state, indent=1))
-            _write_history(run_dir, state["history"])
+            _atomic_save_model(self.model, folder.last_checkpoint)
+            folder.write_state(state)
+            folder.write_history(state["history"])
             if state["wait"] >= patience:
                 state["stopped_early"] = True
                 self.model.stop_training = True
 
     return Checkpoint()
-
-
-def _write_history(run_dir: Path, history: list[dict]) -> None:
-    keys = ["epoch"] + sorted({k for row in history for k in row} - {"epoch"})
-    tmp = run_dir / ".history.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, keys)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, run_dir / "history.csv")
-
-
-def plot_history(run_dir: Path, history: list[dict], title: str) -> Path:
-    """Write ``loss.png``: training and validation loss per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [row["epoch"] for row in history]
-    terms = [k for k in ("loss", "reconstruction_loss", "kl_loss") if any(k in row for row in history)]
-    fig, axes = plt.subplots(1, len(terms), figsize=(4.5 * len(terms), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], terms):
-        for prefix, style in (("", "-"), ("val_", "--")):
-            values = [row.get(prefix + key, np.nan) for row in history]
-            ax.plot(epochs, values, style, marker=".", label=("validation " if prefix else "training ") + key)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(key.replace("_", " "))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = run_dir / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def _progress_callback(epochs: int, steps: int, initial_epoch: int):
@@ -336,28 +291,42 @@ def _log_callback(epochs: int):
     return LogEpochs()
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool) -> dict | None:
-    """Check the output folder; on resume, return the saved checkpoint state."""
-    state_path = run_dir / "checkpoints" / "state.json"
+def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> None:
+    """Check that a run may start in ``run_dir`` (empty or new), or resume there (a checkpoint).
+
+    Raises:
+        ModelCardError: resume asked for, but no checkpoint there.
+        ConfigError: a new run asked for in a folder that holds files.
+    """
+    run_dir = Path(run_dir)
     if resume:
-        if not state_path.exists() or not (run_dir / "checkpoints" / "last.keras").exists():
+        if not RunFolder(run_dir).has_checkpoint:
             raise ModelCardError(
                 f"Cannot resume: '{run_dir}' has no checkpoint (checkpoints/last.keras and state.json). "
                 "Start a new run without --resume."
             )
-        return json.loads(state_path.read_text())
-    if run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.is_file():
+        raise ConfigError(f"Output folder '{run_dir}' is a file. Choose a new --out folder.")
+    elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
             f"Output folder '{run_dir}' already holds files. Continue that run with --resume, "
             "or choose a new --out folder."
         )
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> dict | None:
+    """Check the output folder; on resume, return the saved checkpoint state."""
+    check_run_dir(run_dir, resume)
+    folder = RunFolder(run_dir)
+    if resume:
+        return folder.state()
+    folder.checkpoints.mkdir(parents=True, exist_ok=True)
     return None
 
 
 def _resume_config(run_dir: Path, overrides: TrainConfig) -> TrainConfig:
     """The saved configuration; only ``epochs`` may be raised on resume."""
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = RunFolder(run_dir).config()
     names = {f.name for f in fields(TrainConfig)}
     # Runs from before grouped splits held out a plain hashed share: keep it.
     config = TrainConfig(**{"group_split": False, **{k: v for k, v in saved["train"].items() if k in names}})
@@ -385,15 +354,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         finished epoch has been checkpointed.
     """
     run_dir = Path(config.out_dir)
+    files = RunFolder(run_dir)
     state = _prepare_run_dir(run_dir, resume)
     if resume:
         config = _resume_config(run_dir, config)
     config = config.resolved()
 
-    import keras
-
-    from export.data import make_dataset, scan_folder, split_paths
-    from export.models import build_model
+    from export.data import scan_folder, split_paths
 
     size = config.input_size
     from rich.progress import Progress
@@ -409,7 +376,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             f"found {len(folder.paths)}."
         )
     if resume:
-        saved_split = json.loads((run_dir / "split.json").read_text())
+        saved_split = files.split()
         if [p.relative_to(folder.root).as_posix() for p in split.train] != saved_split["train"]:
             log.warning("The image folder changed since the run started; the new split is used.")
 
@@ -417,24 +384,26 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if config.model == "linear-ae":
         return _fit_linear(config, run_dir, split, len(folder.skipped), progress)
 
+    import keras  # not before: the linear-ae's fit runs without TensorFlow
+
+    from export.data import make_dataset
+    from export.models import build_model
+
     keras.utils.set_random_seed(config.seed)
     train_ds = make_dataset(split.train, size, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     val_ds = make_dataset(split.val, size, batch_size=config.batch_size, shuffle=False, seed=config.seed)
 
     with _strategy().scope():
         if state is not None:
-            model = keras.models.load_model(run_dir / "checkpoints" / "last.keras")
+            model = keras.models.load_model(files.last_checkpoint)
             initial_epoch = state["epoch"]
             log.info("Resuming %s from epoch %d", run_dir, initial_epoch)
         else:
             model = build_model(config.model, size, latent_dim=config.latent_dim, seed=config.seed)
-            model.compile(optimizer=_make_optimizer(config.optimizer, config.lr), **_compile_args(model))
+            # Every model has its own train_step (the loss on x alone): no targets, no compiled loss.
+            model.compile(optimizer=_make_optimizer(config.optimizer, config.lr))
             initial_epoch = 0
             state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "wait": 0, "stopped_early": False, "history": []}
-
-    if _needs_targets(model):
-        train_ds = train_ds.map(lambda x: (x, x))
-        val_ds = val_ds.map(lambda x: (x, x))
 
     steps = -(-len(split.train) // config.batch_size)
     callbacks = [_checkpoint_callback(run_dir, state, config.patience)]
@@ -444,7 +413,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0, shuffle=False)
     seconds = state.get("seconds", 0.0)
     if state["history"]:
-        plot_history(run_dir, state["history"], f"{config.model}, {config.size} px, {len(split.train)} images")
+        from export import plots
+
+        plots.loss(state["history"], files.loss_plot_path, f"{config.model}, {config.size} px, {len(split.train)} images")
     return TrainResult(
         run_dir=run_dir,
         epochs_run=state["epoch"],
@@ -484,44 +455,67 @@ def _near_duplicate_groups(paths: list[Path], progress: bool) -> np.ndarray | No
 
 
 def _fit_linear(config: TrainConfig, run_dir: Path, split, n_skipped: int, progress: bool) -> TrainResult:
-    """Fit the linear AE in closed form and write it as the run's model.
+    """Fit the linear AE in closed form and write it as the run's ``model.npz``.
 
-    One "epoch": the fit sees every training image (and its augmented
-    views) at once. The history row holds the training and validation MSE.
+    The images are decoded once into a float16 file in the run folder and
+    streamed through the fit (:mod:`export.pca`), so memory stays flat in
+    their number; the file is removed afterwards. One "epoch": the history
+    row holds the training and validation MSE.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from export.data import load_batch
-    from export.models import build_model, fit_linear_ae
-    from export.scoring import reconstruct
+    from export.pca import ImageCache, fit_pca
 
     start = time.monotonic()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    cache_path = run_dir / ".fit-images.f32"
     with Progress(*columns, transient=True, disable=not progress) as bar:
         task = bar.add_task("Loading training images", total=len(split.train))
-        images = load_batch(split.train, config.input_size, on_image=lambda: bar.advance(task))[..., 0]
-        views = 8 * len(images) if config.augment == "d4" else len(images)
-        bar.add_task(f"Fitting {config.components} components to {views} images (SVD)", total=None)
-        log.info("Fitting linear-ae: %d components, %d training images, augment %s", config.components, len(images), config.augment)
-        model = build_model("linear-ae", config.input_size, components=config.components)
-        summary = fit_linear_ae(model, images, augment=config.augment, seed=config.seed)
-        val = load_batch(split.val, config.input_size)[..., 0]
-        val_loss = float(np.mean((val - reconstruct(model, val)) ** 2))
-    _atomic_save_model(model, run_dir / "model.keras")
+        try:
+            images = ImageCache.build(cache_path, split.train, config.input_size, config.augment,
+                                      on_image=lambda: bar.advance(task))
+            views = 8 * images.count if config.augment == "d4" else images.count
+            log.info("Fitting linear-ae: %d components, %d training images, augment %s",
+                     config.components, images.count, config.augment)
+            step = bar.add_task(f"Fitting {config.components} components to {views} images", total=None)
+            pca = fit_pca(images, config.components, seed=config.seed,
+                          on_pass=lambda what: bar.update(step, description=f"Fitting {config.components} components "
+                                                                           f"to {views} images: {what}"))
+            train_loss = _mse(pca, images.images(), config.input_size)
+        finally:
+            cache_path.unlink(missing_ok=True)
+        val_loss = _mse(pca, _val_chunks(split.val, config.input_size), config.input_size)
+    run = RunFolder(run_dir)
+    pca.save(run.npz_path)
     seconds = time.monotonic() - start
-    history = [{"epoch": 1, "loss": summary["loss"], "val_loss": val_loss}]
-    _write_history(run_dir, history)
-    _atomic_write_text(run_dir / "checkpoints" / "state.json", json.dumps(
-        {"epoch": 1, "best_val_loss": val_loss, "best_epoch": 1, "wait": 0, "stopped_early": False,
-         "history": history, "seconds": seconds, "fit": summary}, indent=1))
+    history = [{"epoch": 1, "loss": train_loss, "val_loss": val_loss}]
+    run.write_history(history)
+    summary = {"images": len(split.train), "fitted_on": views, "components": pca.components,
+               "components_per_block": {b.name: len(w) for b, w in zip(pca.basis.blocks, pca.bases)},
+               "weights": pca.weight_count, "explained_variance": pca.explained_variance, "loss": train_loss}
+    run.write_state({"epoch": 1, "best_val_loss": val_loss, "best_epoch": 1, "wait": 0, "stopped_early": False,
+                     "history": history, "seconds": seconds, "fit": summary})
     log.info("linear-ae fitted in %.1f s: %.1f%% of the variance explained, val_loss %.5g",
-             seconds, 100 * summary["explained_variance"], val_loss)
+             seconds, 100 * pca.explained_variance, val_loss)
     return TrainResult(run_dir=run_dir, epochs_run=1, best_epoch=1, best_val_loss=val_loss, stopped_early=False,
                        seconds=seconds, n_train=len(split.train), n_val=len(split.val), n_skipped=n_skipped)
 
 
-def _compile_args(model) -> dict:
-    return {"loss": "mse"} if _needs_targets(model) else {}
+def _val_chunks(paths: list[Path], size: tuple[int, int], chunk: int = 128):
+    from export.data import load_batch
+
+    for start in range(0, len(paths), chunk):
+        yield load_batch(paths[start : start + chunk], size)[..., 0].reshape(-1, size[0] * size[1])
+
+
+def _mse(pca, chunks, size: tuple[int, int]) -> float:
+    """Mean squared reconstruction error over ``(m, P)`` chunks."""
+    total, count = 0.0, 0
+    for flat in chunks:
+        images = flat.reshape(-1, *size)
+        total += float(np.sum((images - pca.reconstruct(images)) ** 2, dtype=np.float64))
+        count += images.size
+    return total / max(count, 1)
 
 
 def _write_run_files(run_dir: Path, config: TrainConfig, folder, split) -> None:
@@ -541,11 +535,9 @@ def _write_run_files(run_dir: Path, config: TrainConfig, folder, split) -> None:
         },
         "split": {"seed": split.seed, "val_fraction": split.val_fraction, "rule": split.rule, "groups": split.groups},
         "versions": versions(),
-        "devices": devices(),
+        "devices": ["CPU"] if config.model == "linear-ae" else devices(),  # the linear fit runs in NumPy
     }
-    _atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2))
-    _atomic_write_text(
-        run_dir / "split.json",
-        json.dumps({"root": str(folder.root.resolve()), "train": rel(split.train), "val": rel(split.val)}, indent=1),
-    )
-    _atomic_write_text(run_dir / "skipped.txt", "".join(f"{p}\t{reason}\n" for p, reason in folder.skipped))
+    run = RunFolder(run_dir)
+    run.write_config(record)
+    run.write_split(folder.root.resolve(), rel(split.train), rel(split.val))
+    run.write_skipped(folder.skipped)

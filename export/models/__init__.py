@@ -6,7 +6,7 @@
 for any ``H, W >= 8`` (sizes off the model's stride are zero-padded inside
 and cropped back). Every model has ``encoder`` and ``decoder`` sub-models,
 owns its loss and trains from batches of images alone, except ``linear-ae``,
-which is fitted in closed form (:func:`fit_linear_ae`). See docs/models.md.
+which is fitted in closed form without Keras (:mod:`export.pca`). See docs/models.md.
 
     >>> model = build_model("dilated-vae", (300, 300), seed=0)
     >>> model.compile(optimizer=keras.optimizers.Adam(1e-3))
@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import keras
 
+from edge_inspect.card import MODEL_KINDS
 from edge_inspect.errors import ConfigError
 from export.models import conv_ae, linear_ae, vae
 from export.models.conv_ae import Autoencoder, build_conv_ae
 from export.models.dilated_vae import build_dilated_vae
-from export.models.linear_ae import build_linear_ae, fit_linear_ae
+from export.models.linear_ae import build_linear_ae
 from export.models.vae import VAE, Sampling, build_vae, vae_loss_terms
 
-#: The model kinds, as named in configuration files and on the command line.
-MODEL_KINDS = ("linear-ae", "conv-ae", "vae", "dilated-vae")
 
 #: The kinds trained by gradient descent, epoch by epoch.
 DEEP_KINDS = ("conv-ae", "vae", "dilated-vae")
@@ -43,7 +42,6 @@ __all__ = [
     "build_linear_ae",
     "build_model",
     "build_vae",
-    "fit_linear_ae",
     "stride_of",
     "vae_loss_terms",
 ]
@@ -91,7 +89,8 @@ def build_model(
     Returns:
         An :class:`Autoencoder` (linear-ae, conv-ae) or :class:`VAE` (vae,
         dilated-vae). Compile and fit the deep ones on images; fit the
-        linear one with :func:`fit_linear_ae`.
+        linear one with :func:`export.pca.fit_pca` (this Keras form is how
+        earlier runs saved it).
 
     Raises:
         ConfigError: an unknown ``kind``, or an invalid size or latent size.

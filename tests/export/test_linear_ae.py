@@ -1,6 +1,8 @@
-"""The linear autoencoder: closed-form fit against a NumPy PCA, augmentation, training, ONNX parity."""
+"""The linear autoencoder: augmentation, training without TensorFlow, calibration, ONNX parity."""
 
 import json
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 from edge_inspect.card import load_card
 from edge_inspect.errors import ConfigError, ModelCardError
 from export.models import build_model
-from export.models.linear_ae import augment_d4, build_linear_ae, fit_linear_ae, principal_components
+from export.models.linear_ae import augment_d4, build_linear_ae
+from export.pca import ImageCache, fit_pca
 from export.train import TrainConfig, train
 
 
@@ -24,38 +27,6 @@ def parts(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
     return np.clip(images, 0, 1).astype(np.float32)
 
 
-def numpy_pca_reconstruction(train_images: np.ndarray, images: np.ndarray, k: int) -> np.ndarray:
-    x = train_images.reshape(len(train_images), -1).astype(np.float64)
-    mean = x.mean(axis=0)
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    v = vt[:k]
-    y = images.reshape(len(images), -1).astype(np.float64) - mean
-    return (y @ v.T @ v + mean).reshape(images.shape)
-
-
-@pytest.mark.parametrize("k", [4, 40])  # 4: randomized SVD; 40 of 60 images: the full SVD
-def test_reconstruction_equals_numpy_pca(k):
-    train_images, test_images = parts(60, seed=0), parts(10, seed=1)
-    model = build_linear_ae((16, 16), components=k)
-    summary = fit_linear_ae(model, train_images, augment="none")
-    got = model.predict(test_images[..., None], verbose=0)[..., 0]
-    want = numpy_pca_reconstruction(train_images, test_images, k)
-    np.testing.assert_allclose(got, want, atol=2e-5)
-    assert summary["fitted_on"] == 60 and summary["components"] == k
-    assert 0.0 < summary["explained_variance"] <= 1.0
-
-
-def test_encoder_and_decoder_are_the_two_halves():
-    images = parts(30)
-    model = build_linear_ae((16, 16), components=8)
-    fit_linear_ae(model, images, augment="none")
-    code = model.encoder(images[..., None]).numpy()
-    assert code.shape == (30, 8)
-    np.testing.assert_allclose(model.decoder(code).numpy(), model(images[..., None]).numpy(), atol=1e-6)
-    # Orthonormal axes: the codes of the training images are centred.
-    np.testing.assert_allclose(code.mean(axis=0), 0.0, atol=1e-4)
-
-
 def test_d4_gives_the_eight_symmetries():
     image = np.arange(9, dtype=np.float32).reshape(1, 3, 3)
     views = augment_d4(image)
@@ -66,39 +37,28 @@ def test_d4_gives_the_eight_symmetries():
         augment_d4(np.zeros((1, 3, 4), np.float32))
 
 
-def test_d4_fit_reconstructs_turned_parts():
+def test_d4_fit_reconstructs_turned_parts(tmp_path):
     """Fitted with d4, a part turned by a quarter turn is reconstructed as well as unturned ones."""
     train_images, test_images = parts(40, seed=0), parts(10, seed=1)
     turned = np.rot90(test_images, 1, axes=(1, 2)).copy()
 
     def error(augment, images):
-        model = build_linear_ae((16, 16), components=12)
-        fit_linear_ae(model, train_images, augment=augment)
-        return float(np.mean((model.predict(images[..., None], verbose=0)[..., 0] - images) ** 2))
+        pca = fit_pca(ImageCache.from_array(tmp_path / augment, train_images, augment), 12)
+        return float(np.mean((pca.reconstruct(images) - images) ** 2))
 
     assert error("d4", turned) < 0.5 * error("none", turned)
     assert error("d4", turned) < 2.0 * error("d4", test_images)
 
 
-def test_bad_component_counts():
-    with pytest.raises(ConfigError, match="pixel count"):
-        build_linear_ae((8, 8), components=65)
-    with pytest.raises(ConfigError, match="training images"):
-        principal_components(parts(5), 6)
-    model = build_linear_ae((16, 16), components=4)
-    with pytest.raises(ConfigError, match="augment"):
-        fit_linear_ae(model, parts(10), augment="rotate")
-    with pytest.raises(ConfigError, match=r"\(n, 16, 16\)"):
-        fit_linear_ae(model, parts(10, size=12))
-
-
-def test_saved_model_loads_without_custom_objects(tmp_path):
-    images = parts(30)
+def test_an_earlier_runs_keras_form_still_loads(tmp_path):
+    """Runs made before model.npz saved the linear-ae as a Keras model; they still load."""
     model = build_model("linear-ae", (16, 16), components=6)
-    fit_linear_ae(model, images)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
-    np.testing.assert_array_equal(loaded.predict(images[..., None], verbose=0), model.predict(images[..., None], verbose=0))
+    images = parts(3)[..., None]
+    np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+    with pytest.raises(ConfigError, match="pixel count"):
+        build_linear_ae((8, 8), components=65)
 
 
 # ---------------------------------------------------------------- training
@@ -110,17 +70,38 @@ def test_train_writes_a_run_and_calibrates(normal_dir, tmp_path):
     out = tmp_path / "run"
     result = train(TrainConfig(model="linear-ae", normal_dir=str(normal_dir), out_dir=str(out), size=32, components=24),
                    progress=False)
-    assert (out / "model.keras").is_file() and (out / "history.csv").is_file()
+    assert (out / "model.npz").is_file() and (out / "history.csv").is_file() and not (out / "model.keras").exists()
+    assert not list(out.glob(".fit-images*")), "the fit's image file is removed"
     assert result.epochs_run == 1 and result.n_train + result.n_val == 80
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["model"] == "linear-ae" and config["train"]["augment"] == "d4"
-    assert config["train"]["components"] == 24
+    assert config["train"]["components"] == 24 and config["versions"]["numpy"] == np.__version__
     state = json.loads((out / "checkpoints" / "state.json").read_text())
-    assert state["fit"]["fitted_on"] == 8 * result.n_train
+    assert state["fit"]["fitted_on"] == 8 * result.n_train and state["fit"]["components"] == 24
+    assert sum(state["fit"]["components_per_block"].values()) < 24  # E's basis serves two components
     assert np.isfinite(result.best_val_loss) and result.best_val_loss < 0.01
     cal = calibrate_run(out)
     assert cal["n_normal"] == result.n_val
     assert load_run(out).kind == "linear-ae"
+
+
+def test_the_default_model_trains_calibrates_and_exports_without_tensorflow(normal_dir, tmp_path):
+    """Importing TensorFlow costs 600 MB and seconds: the default's whole path runs without it."""
+    script = f"""
+import sys
+from export.train import TrainConfig, train
+from export.scoring import calibrate_run
+from export.to_onnx import export_run
+train(TrainConfig(model="linear-ae", normal_dir={str(normal_dir)!r}, out_dir={str(tmp_path / "run")!r}, size=32,
+                  components=16), progress=False)
+calibrate_run({str(tmp_path / "run")!r})
+export_run({str(tmp_path / "run")!r}, {str(tmp_path / "model")!r}, precisions=["int8"])
+loaded = [m for m in ("tensorflow", "keras", "tf2onnx") if m in sys.modules]
+assert not loaded, loaded
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "model" / "model.int8.onnx").is_file()
 
 
 def test_augment_is_linear_only_and_resume_has_nothing_to_continue(normal_dir, tmp_path):
@@ -141,37 +122,36 @@ def test_too_many_components_for_the_images(normal_dir, tmp_path):
 # ------------------------------------------------------------------- export
 
 
-def test_onnx_export_matches_keras(normal_dir, tmp_path):
+def test_onnx_export_matches_the_fit_and_int8_quantises_the_weights_alone(normal_dir, tmp_path):
+    import onnx
+
+    from export.parity import FP32_TOLERANCE
     from export.scoring import calibrate_run, load_run, reconstruct
-    from export.to_onnx import FP32_TOLERANCE, export_run
+    from export.to_onnx import export_run
 
     run = tmp_path / "run"
     train(TrainConfig(model="linear-ae", normal_dir=str(normal_dir), out_dir=str(run), size=32, components=24),
           progress=False)
     calibrate_run(run)
-    report = export_run(run, tmp_path / "model")
+    report = export_run(run, tmp_path / "model", precisions=["int8"])
     parity = report.files["fp32"]["parity"]
     assert parity["max_abs_diff"] <= FP32_TOLERANCE and parity["verdicts_identical"]
+    int8 = report.files["int8"]["parity"]
+    assert int8["score_change"]["max_relative_to_threshold"] < 0.01 and int8["verdict_agreement"] >= 0.99
+    assert report.files["fp32"]["parity"]["reference"] == "fit"
     card = load_card(tmp_path / "model")
-    assert card.model_kind == "linear-ae"
-    import onnx
+    assert card.model_kind == "linear-ae" and card.default_precision == "fp32"
 
+    pca = load_run(run).model
     graph = onnx.load(tmp_path / "model" / "model.onnx").graph
-    matrices = [t for t in graph.initializer if len(t.dims) == 2]
-    assert [tuple(t.dims) for t in matrices] == [(24, 32 * 32)]  # the axes, stored once for both products
-    assert [n.op_type for n in graph.node].count("Gemm") == 2
+    bases = sorted(tuple(t.dims) for t in graph.initializer if t.name.endswith("_basis"))
+    assert bases == sorted(w.shape for w in pca.bases if len(w))  # each block's basis, stored once
+    assert [n.op_type for n in graph.node].count("Gemm") == len(bases)
+    int8 = onnx.load(tmp_path / "model" / "model.int8.onnx").graph
+    ops = [n.op_type for n in int8.node]
+    assert ops.count("MatMulNBits") == 2 * len(bases) and "QuantizeLinear" not in ops  # float activations between
 
     images = parts(6, size=32, seed=5)
     session = ort.InferenceSession(str(tmp_path / "model" / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(["reconstruction"], {"image": images})[0]
-    want = reconstruct(load_run(run).model, images)
-    np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-def test_fast_preset_gives_the_linear_ae_its_own_size():
-    from export.train import LINEAR_SIZE, PRESETS
-
-    assert TrainConfig(model="linear-ae", normal_dir="x", out_dir="y").resolved().size == LINEAR_SIZE
-    assert TrainConfig(model="conv-ae", normal_dir="x", out_dir="y").resolved().size == PRESETS["fast"].size
-    assert TrainConfig(model="linear-ae", normal_dir="x", out_dir="y", size=64).resolved().size == 64
-    assert TrainConfig(model="linear-ae", normal_dir="x", out_dir="y", preset="paper").resolved().size == 300
+    np.testing.assert_allclose(got, reconstruct(pca, images), atol=1e-5)
