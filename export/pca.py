@@ -104,6 +104,18 @@ class Block:
         return self.index.shape[1]
 
 
+#: Where each block's coordinates come from: per copy, the rows of the orbits-of-eight transform (``t8``) and
+#: of the diagonal orbits' (``t4``), in order. Rows of t8: A1, A2, B_diag, B_axis, E(a=0, b=0), E(1, 0), E(0, 1),
+#: E(1, 1); of t4: A1, B_diag, E(0, 0), E(1, 0). E's copies are its two ``a``, which D4 turns alike.
+PIECES = {
+    "A1": [[(8, 0), (4, 0)]],
+    "A2": [[(8, 1)]],
+    "B_diag": [[(8, 2), (4, 1)]],
+    "B_axis": [[(8, 3)]],
+    "E": [[(8, 4), (8, 6), (4, 2)], [(8, 5), (8, 7), (4, 3)]],
+}
+
+
 class D4Basis:
     """The orthogonal change of basis from a square image's pixels to D4 block coordinates.
 
@@ -161,15 +173,9 @@ class D4Basis:
         if not np.allclose(self.t4 @ self.t4.T, np.eye(4)) or not np.allclose(self.t8 @ self.t8.T, np.eye(8)):
             raise AssertionError("The D4 change of basis is not orthogonal.")  # pragma: no cover
         o8, o4 = len(self.idx8), len(self.idx4)
-        at8 = lambda r: np.arange(o8) * 8 + r  # noqa: E731
-        at4 = lambda r: 8 * o8 + np.arange(o4) * 4 + r  # noqa: E731
-        self.blocks = [
-            Block("A1", np.concatenate([at8(0), at4(0)])[None]),
-            Block("A2", at8(1)[None]),
-            Block("B_diag", np.concatenate([at8(2), at4(1)])[None]),
-            Block("B_axis", at8(3)[None]),
-            Block("E", np.stack([np.concatenate([at8(4), at8(6), at4(2)]), np.concatenate([at8(5), at8(7), at4(3)])])),
-        ]
+        at = {8: lambda r: np.arange(o8) * 8 + r, 4: lambda r: 8 * o8 + np.arange(o4) * 4 + r}
+        self.blocks = [Block(name, np.stack([np.concatenate([at[size](row) for size, row in copy]) for copy in copies]))
+                       for name, copies in PIECES.items()]
         self.pixels = n * n
 
     def forward(self, flat: np.ndarray) -> np.ndarray:
