@@ -163,7 +163,7 @@ def near_duplicate_groups(images: np.ndarray, link: float = NEAR_DUPLICATE_LINK,
     Args:
         images: ``(n, s, s)`` square thumbnails (:data:`NEAR_DUPLICATE_SIZE`).
         link: the correlation threshold.
-        block: rows compared at a time (memory: ``8 * block * n`` floats).
+        block: rows compared at a time (memory: the thumbnails and ``2 * block * n`` floats).
 
     Returns:
         ``(n,)`` int group labels, ``0 .. groups - 1``.
@@ -178,11 +178,17 @@ def near_duplicate_groups(images: np.ndarray, link: float = NEAR_DUPLICATE_LINK,
         z -= z.mean(axis=1, keepdims=True)
         return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
 
+    side = images.shape[1]
     base = unit_rows(images)
-    views = [unit_rows(np.rot90(m, k, axes=(1, 2))) for m in (images, images[:, :, ::-1]) for k in range(4)]
     rows, cols = [], []
     for start in range(0, n, block):
-        best = np.max([base[start:start + block] @ v.T for v in views], axis=0)
+        # corr(x, g y) = corr(g^-1 x, y): turn the block's own rows, not all n images, so memory holds the
+        # thumbnails once (4 KB an image) and one block x n product, whatever the number of views
+        chunk = base[start:start + block].reshape(-1, side, side)
+        best = None
+        for turned in (np.rot90(m, k, axes=(1, 2)) for m in (chunk, chunk[:, :, ::-1]) for k in range(4)):
+            product = np.ascontiguousarray(turned).reshape(len(chunk), -1) @ base.T
+            best = product if best is None else np.maximum(best, product, out=best)
         r, c = np.nonzero(best > link)
         keep = r + start != c
         rows.append(r[keep] + start)
