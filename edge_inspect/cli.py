@@ -567,12 +567,12 @@ def benchmark_model(
                "speed", "peak MiB\n(model)", "AUC-ROC")
     for column in columns:
         table.add_column(column, justify="left" if column == "precision" else "right",
-                         no_wrap=column != "peak MiB\n(model)")  # figures never shrink to an ellipsis
+                         no_wrap=True)  # figures never shrink to an ellipsis; the peak and its (model) are two lines
     base = report.rows[0].images_per_s if report.rows else 1.0
     for row in report.rows:
         table.add_row(row.precision, f"{row.single_p50_ms:.2f}/{row.single_p95_ms:.2f}",
                       f"{row.batch_p50_ms:.2f}/{row.batch_p95_ms:.2f}", f"{row.images_per_s:.1f}",
-                      f"{row.images_per_s / base:.2f}x", f"{row.peak_rss_mib:.0f} (+{row.model_rss_mib:.0f})",
+                      f"{row.images_per_s / base:.2f}x", f"{row.peak_rss_mib:.0f}\n(+{row.model_rss_mib:.0f})",
                       numbers.metric(row.auc_roc))
     console.print(table)
     if report.rows:

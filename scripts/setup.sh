@@ -9,4 +9,5 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[${extras}]"
+# setuptools' editable build warns about import shadowing in every checkout; a new user should see errors only
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet -e ".[${extras}]"
