@@ -129,9 +129,26 @@ def _log_handler(debug: bool) -> logging.Handler:
         handler: logging.Handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=debug)
         handler.setFormatter(logging.Formatter("%(message)s"))
         return handler
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     return handler
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Plain lines to whatever ``sys.stderr`` is when a record is written, not when the handler was made.
+
+    A library thread (an OPC UA client's cleanup) may log after the command
+    returned and its caller swapped stderr back (a test runner's capture):
+    the stream it was made with is closed by then.
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass  # always sys.stderr
 
 
 class ModelKind(str, Enum):

@@ -249,10 +249,14 @@ def test_sighup_drains_and_exits_0(model_dir, tmp_path):  # noqa: F811
 
 
 def test_other_commands_keep_the_default_signal_actions(tmp_path):
-    """Only watch catches stop signals early; `results` on a big ledger must still die on SIGTERM."""
+    """Only watch catches stop signals early; `results` on a big ledger must still die on SIGTERM.
+
+    Compared with what the process started with: under nohup, SIGHUP starts ignored and must stay so.
+    """
     code = ("import sys, signal; sys.argv = ['edge-inspect', 'results', '/nonexistent'];\n"
+            "before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)\n"
             "from edge_inspect.__main__ import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGHUP) == signal.SIG_DFL)")
+            "print(signal.getsignal(signal.SIGTERM) == before[0], signal.getsignal(signal.SIGHUP) == before[1])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.split()[-2:] == ["True", "True"], out.stdout + out.stderr
