@@ -56,6 +56,8 @@ class RunFolder:
         checkpoints, state_path, last_checkpoint: ``checkpoints/`` and the
             two files in it that a resume needs.
         keras_path, npz_path: where training writes the model of each kind.
+        fit_images_path: the linear-ae's preprocessed images during its
+            fit, removed afterwards.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -72,6 +74,7 @@ class RunFolder:
         self.last_checkpoint = self.checkpoints / "last.keras"
         self.keras_path = self.path / "model.keras"
         self.npz_path = self.path / "model.npz"
+        self.fit_images_path = self.path / ".fit-images.f32"  # the linear-ae's images while it fits
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"

@@ -468,7 +468,8 @@ def _fit_linear(config: TrainConfig, run_dir: Path, split, n_skipped: int, progr
 
     start = time.monotonic()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    cache_path = run_dir / ".fit-images.f32"
+    run = RunFolder(run_dir)
+    cache_path = run.fit_images_path
     with Progress(*columns, transient=True, disable=not progress) as bar:
         task = bar.add_task("Loading training images", total=len(split.train))
         try:
@@ -485,7 +486,6 @@ def _fit_linear(config: TrainConfig, run_dir: Path, split, n_skipped: int, progr
         finally:
             cache_path.unlink(missing_ok=True)
         val_loss = _mse(pca, _val_chunks(split.val, config.input_size), config.input_size)
-    run = RunFolder(run_dir)
     pca.save(run.npz_path)
     seconds = time.monotonic() - start
     history = [{"epoch": 1, "loss": train_loss, "val_loss": val_loss}]

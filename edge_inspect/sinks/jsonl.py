@@ -40,13 +40,14 @@ _BLOCK = 1 << 16
 
 def line(record: Record) -> bytes:
     """The JSON line of a row, newline included."""
+    row = record.to_dict()
     data = {}
-    for key, value in record.to_dict().items():
+    for key, value in row.items():
         if key in OMITTED:
             continue
         data[key] = numbers.timestamp(value) if key in TIMES else value
-        if key == "score":
-            data["raw_score"] = record.raw_score
+        if key == "score":  # Record.raw_score, from the criteria already parsed
+            data["raw_score"] = row["criteria"].get(record.criterion) if record.criterion is not None else None
     return (json.dumps(data, separators=(",", ":")) + "\n").encode()
 
 

@@ -308,8 +308,7 @@ class HotFolder:
         one already named. At most :data:`_PEEK_ENTRIES` entries are looked
         at per call, so a large tree without images costs little at each scan.
         """
-        if (self.recursive or folder.parent != self.folder or folder in self._unwatched
-                or self._skipped_dir(folder.name) or any(folder.is_relative_to(e) for e in self.exclude)):
+        if self.recursive or folder.parent != self.folder or folder in self._unwatched or not self._walks_into(folder):
             return
         image = self._first_image(folder)
         if image is None:
@@ -322,6 +321,10 @@ class HotFolder:
                     "only the files directly in the folder are. To inspect sub-folders too, watch with --recursive, "
                     "or set recursive = true in the source's configuration; or move the images into %s.",
                     self.folder, folder.name, image.relative_to(folder).as_posix(), self.folder)
+
+    def _walks_into(self, folder: Path) -> bool:
+        """Whether a walk goes into this sub-folder: not hidden, ignored or a sort folder, and not excluded."""
+        return not self._skipped_dir(folder.name) and not any(folder.is_relative_to(e) for e in self.exclude)
 
     def _first_image(self, folder: Path) -> Path | None:
         """A file with an image name under ``folder`` (hidden, ignored and excluded folders skipped), or None."""
@@ -338,10 +341,8 @@ class HotFolder:
                         except OSError:
                             continue
                         if is_dir:
-                            path = Path(entry.path)
-                            if not self._skipped_dir(entry.name) and not any(path.is_relative_to(e)
-                                                                              for e in self.exclude):
-                                pending.append(path)
+                            if self._walks_into(Path(entry.path)):
+                                pending.append(Path(entry.path))
                         elif is_image_name(entry.name) and not self._ignored(entry.name):
                             return Path(entry.path)
             except OSError:
@@ -409,8 +410,7 @@ class HotFolder:
                     continue
                 if is_dir:
                     path = Path(entry.path)
-                    if (self.recursive and not self._skipped_dir(entry.name)
-                            and not any(path.is_relative_to(e) for e in self.exclude)):
+                    if self.recursive and self._walks_into(path):
                         pending.append(path)
                     elif not self.recursive:
                         if is_image_name(entry.name) and not self._ignored(entry.name):
