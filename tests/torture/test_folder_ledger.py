@@ -280,12 +280,14 @@ def fill(path: Path, leave: int) -> None:
 
 @scenario(short=2, full=["everything", "sinks"])
 def test_disk_full(run, full):
-    """A 4 MiB tmpfs holds the folder, ledger, heatmaps and JSONL (``everything``), or the heatmaps and JSONL
+    """A tmpfs holds the folder, ledger, heatmaps and JSONL (``everything``), or the heatmaps and JSONL
     only (``sinks``: a separate data partition); ``count`` times: fill it to a seeded few KB of free space,
     drop 1 to 4 parts, wait, give the space back, and expect every verdict and its sinks within SPACE_BACK_S (a
     watcher that exits is restarted once, and its exit must be non-zero and say why). The watcher is started
     with paths relative to the work folder; the final clean run, with absolute ones from elsewhere."""
-    disk, _ = run.enter(tmpfs(run.dir / "disk", "4m"))
+    # Room for every overlay the run writes (up to 4 parts a trial; a small part's overlay, enlarged to be read,
+    # is about 0.3 MB) besides the filler: the space given back must be free, not taken by earlier overlays.
+    disk, _ = run.enter(tmpfs(run.dir / "disk", f"{4 + 2 * run.count}m"))
     heat, results = disk / "heat", disk / RESULTS
     place = disk if full == "everything" else run.dir
     folder, staging = place / "in", place / "staging"  # same file system: renames
