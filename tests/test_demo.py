@@ -12,6 +12,7 @@ from edge_inspect.cli import app
 from edge_inspect.demo import plan
 from edge_inspect.ledger import Ledger
 from tests.support import write_parts
+from tests.support.browser import assert_page_loads
 
 runner = CliRunner()
 
@@ -66,6 +67,7 @@ def test_demo_line_inspects_every_dropped_part_once_and_ends_with_the_report(tmp
     report = (out / "runs" / "linear-ae" / "eval" / "report.html").resolve()
     assert report.is_file()
     assert lines[-1] == f"Report: {report} (open it in a browser)"
+    assert_page_loads(report, tmp_path)
     assert "SIGTERM: finishing the parts in hand" in (out / "line" / "watch.log").read_text()
 
 

@@ -11,10 +11,7 @@ the page must exist and show something.
 import base64
 import dataclasses
 import html
-import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import cv2
@@ -25,10 +22,10 @@ from typer.testing import CliRunner
 from edge_inspect.cli import app
 from export.evaluate import evaluate
 from export.report import misjudged, write_report
+from tests.support.browser import assert_page_loads
 
 runner = CliRunner()
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
@@ -131,55 +128,9 @@ def test_the_cli_prints_the_reports_path(trained_run, big_defects, tmp_path):
 
 # ---------------------------------------------------------------- the browser check
 
-_PROBE = """<script>
-window.__errors = [];
-window.addEventListener("error", function (e) {
-  window.__errors.push(String(e.message || (e.target && (e.target.src || e.target.href)) || e.type));
-}, true);
-window.addEventListener("load", function () {
-  var images = Array.prototype.map.call(document.images, function (i) {
-    return {alt: i.alt, loaded: i.complete && i.naturalWidth > 0};
-  });
-  var probe = document.createElement("pre");
-  probe.id = "probe";
-  probe.textContent = JSON.stringify({images: images, errors: window.__errors});
-  document.body.appendChild(probe);
-});
-</script>"""
-
-
-def _chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    if CHROMIUM is None:
-        pytest.fail("Chromium is not installed, and the report's browser check needs it: apt-get install chromium "
-                    "(scripts/test.sh installs it).")
-    # --no-sandbox: the sandbox refuses to run as root, as in a CI container.
-    command = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-               f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
-               *args, page.as_uri()]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
-
 
 @pytest.mark.parametrize("which", ["evaluate", "moved"])
 def test_the_report_in_chromium_loads_every_image_without_console_errors(evaluated, tmp_path, which):
     result, _, moved_path = evaluated
     report = result.report if which == "evaluate" else moved_path
-    text = report.read_text(encoding="utf-8")
-    probed = tmp_path / "probed.html"
-    probed.write_text(text.replace("<head>", "<head>" + _PROBE, 1), encoding="utf-8")
-    done = _chromium(probed, tmp_path / "profile", "--dump-dom")
-    assert done.returncode == 0, done.stderr[-2000:]
-    found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, flags=re.S)
-    assert found, f"the page did not finish loading:\n{done.stderr[-2000:]}"
-    probe = json.loads(html.unescape(found.group(1)))
-    assert len(probe["images"]) == text.count("<img ") and probe["images"]
-    assert [i["alt"] for i in probe["images"] if not i["loaded"]] == []
-    assert probe["errors"] == []
-    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
-    assert console == []
-
-    shot = tmp_path / "report.png"
-    done = _chromium(report, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,2400")
-    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
-    image = cv2.imread(str(shot))
-    assert image is not None and image.shape[:2] == (2400, 1280)
-    assert image.std() > 20 and len(np.unique(image.reshape(-1, 3), axis=0)) > 200, "a blank screenshot"
+    assert_page_loads(report, tmp_path)
