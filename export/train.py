@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamax", "adam")
 
+#: How the deep models compute while training. ``bfloat16`` is Keras' mixed
+#: precision (bfloat16 maths, float32 weights); ``auto`` picks it on a CPU
+#: that computes bfloat16 natively, else ``float32``. The saved model is
+#: float32 either way.
+COMPUTE = ("float32", "bfloat16", "auto")
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -41,6 +47,9 @@ class Preset:
     patience: int = 10
     #: Input size of the linear-ae, which costs seconds where deep models cost hours.
     linear_size: int | None = None
+    compute: str = "float32"
+    #: Wall-clock minutes after which training stops at an epoch's end, or None.
+    time_budget: float | None = None
 
 
 #: The linear-ae's input size in the fast preset: on the leak-bounded casting
@@ -54,6 +63,11 @@ PRESETS = {
     # CPU-friendly: at 128 px a pinhole is still 2-4 pixels wide while an
     # epoch costs 6-7x less than at 300 px; see docs/training.md.
     "fast": Preset(size=128, epochs=40, batch_size=32, lr=1e-3, patience=8, linear_size=LINEAR_SIZE),
+    # The paper's models within 150 minutes on a 2-core CPU, in one go:
+    # bfloat16 maths where the CPU has it (twice the speed of float32 for
+    # the conv AE), and a budget that ends training in time for calibration.
+    "cpu": Preset(size=128, epochs=100, batch_size=32, lr=1e-3, patience=10, linear_size=LINEAR_SIZE,
+                  compute="auto", time_budget=140.0),
 }
 
 
@@ -77,6 +91,8 @@ class TrainConfig:
     components: int = 1024
     augment: str | None = None
     group_split: bool = True
+    compute: str | None = None
+    time_budget: float | None = None
 
     def resolved(self) -> "TrainConfig":
         """A copy with every ``None`` filled from the preset, validated.
@@ -122,6 +138,10 @@ class TrainConfig:
         for key, (ok, expected) in checks.items():
             if not ok:
                 raise ConfigError(f"At '{key}': {getattr(filled, key)!r} is out of range; expected {expected}.")
+        if filled.time_budget is not None and not filled.time_budget > 0:
+            raise ConfigError(f"At 'time_budget': {filled.time_budget!r} is out of range; expected minutes above 0, e.g. 140.")
+        if filled.compute not in COMPUTE:
+            raise ConfigError(f"At 'compute': unknown '{filled.compute}'. Choose one of: {', '.join(COMPUTE)}.")
         if filled.optimizer not in OPTIMIZERS:
             raise ConfigError(f"At 'optimizer': unknown '{filled.optimizer}'. Choose one of: {', '.join(OPTIMIZERS)}.")
         return filled
@@ -142,6 +162,8 @@ class TrainResult:
     n_train: int
     n_val: int
     n_skipped: int
+    #: Why training ended before its last epoch: "patience", "budget" or None.
+    stopped_by: str | None = None
 
 
 def _atomic_save_model(model, path: Path) -> None:
@@ -195,22 +217,77 @@ def _make_optimizer(name: str, lr: float):
     return {"adamax": keras.optimizers.Adamax, "adam": keras.optimizers.Adam}[name](learning_rate=lr)
 
 
-def _checkpoint_callback(run_dir: Path, state: dict, patience: int):
+def native_bfloat16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX).
+
+    Elsewhere bfloat16 is emulated and slower than float32.
+    """
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_compute(compute: str, on_gpu: bool) -> str:
+    """``auto``: bfloat16 on a CPU with native bfloat16, float32 on a GPU or elsewhere."""
+    if compute != "auto":
+        return compute
+    return "bfloat16" if not on_gpu and native_bfloat16() else "float32"
+
+
+def _float32_saver(build):
+    """Saves a model as float32, whatever precision it trained in.
+
+    ``build()`` makes an uncompiled float32 model of the same architecture;
+    it is built once, under a float32 policy, and takes the weights at each
+    save. A model that already computes in float32 is saved as it is.
+    """
+    import keras
+
+    twin = None
+
+    def save(model, path: Path) -> None:
+        nonlocal twin
+        if model.dtype_policy.name == "float32":
+            _atomic_save_model(model, path)
+            return
+        if twin is None:
+            policy = keras.config.dtype_policy()
+            keras.config.set_dtype_policy("float32")
+            try:
+                twin = build()
+            finally:
+                keras.config.set_dtype_policy(policy)
+        twin.set_weights(model.get_weights())
+        _atomic_save_model(twin, path)
+
+    return save
+
+
+def _checkpoint_callback(run_dir: Path, state: dict, patience: int, *, save_best=None,
+                         budget_s: float | None = None, started: float | None = None):
     """Saves last.keras + state.json every epoch and model.keras on improvement.
 
     The state records the epochs done, the history, the early-stopping
     counter and the training seconds so far. The state file is written
     after the model it describes, each atomically,
     so a kill at any instant leaves a consistent pair to resume from.
-    Early stopping lives here too, so its counter survives a resume.
+    Early stopping lives here too, so its counter survives a resume, and
+    so does the time budget: with ``budget_s`` seconds of wall time counted
+    from ``started`` (``time.monotonic()``), training stops at the end of
+    the epoch after which two more (the next, and a margin for calibration)
+    would not fit.
     """
     import keras
 
     folder = RunFolder(run_dir)
+    save_best = save_best or _atomic_save_model
 
     class Checkpoint(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             self.start, self.seconds_before = time.monotonic(), state.get("seconds", 0.0)
+            self.epochs_here = 0
 
         def on_epoch_end(self, epoch, logs=None):
             logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -219,15 +296,25 @@ def _checkpoint_callback(run_dir: Path, state: dict, patience: int):
             val = logs.get("val_loss", logs.get("loss"))
             if val is not None and np.isfinite(val) and val < state["best_val_loss"]:
                 state.update(best_val_loss=val, best_epoch=epoch + 1, wait=0)
-                _atomic_save_model(self.model, folder.keras_path)
+                save_best(self.model, folder.keras_path)
             else:
                 state["wait"] += 1
             state["epoch"] = epoch + 1
+            self.epochs_here += 1
+            if budget_s is not None:
+                now = time.monotonic()
+                per_epoch = (now - self.start) / self.epochs_here
+                if now - (started or self.start) + 2 * per_epoch > budget_s:
+                    state["stopped_budget"] = True
+            if state["wait"] >= patience or state.get("stopped_budget"):
+                state["stopped_early"] = True
             _atomic_save_model(self.model, folder.last_checkpoint)
             folder.write_state(state)
             folder.write_history(state["history"])
-            if state["wait"] >= patience:
-                state["stopped_early"] = True
+            if state["stopped_early"]:
+                if state.get("stopped_budget"):
+                    log.warning("Stopped after epoch %d: another would not fit the time budget of %g minutes "
+                                "(best validation loss at epoch %d)", epoch + 1, budget_s / 60, state["best_epoch"])
                 self.model.stop_training = True
 
     return Checkpoint()
@@ -325,13 +412,15 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> dict | None:
 
 
 def _resume_config(run_dir: Path, overrides: TrainConfig) -> TrainConfig:
-    """The saved configuration; only ``epochs`` may be raised on resume."""
+    """The saved configuration; only ``epochs`` and ``time_budget`` may change on resume."""
     saved = RunFolder(run_dir).config()
     names = {f.name for f in fields(TrainConfig)}
     # Runs from before grouped splits held out a plain hashed share: keep it.
     config = TrainConfig(**{"group_split": False, **{k: v for k, v in saved["train"].items() if k in names}})
     if overrides.epochs is not None and overrides.epochs != config.epochs:
         config = replace(config, epochs=overrides.epochs)
+    if overrides.time_budget is not None:  # the budget is this process's, not the run's
+        config = replace(config, time_budget=overrides.time_budget)
     return config
 
 
@@ -353,9 +442,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         what to change. KeyboardInterrupt passes through after the last
         finished epoch has been checkpointed.
     """
+    started = time.monotonic()
     run_dir = Path(config.out_dir)
     files = RunFolder(run_dir)
     state = _prepare_run_dir(run_dir, resume)
+    if state is not None and state.pop("stopped_budget", False):
+        state["stopped_early"] = False  # a new process has a new time budget
     if resume:
         config = _resume_config(run_dir, config)
     config = config.resolved()
@@ -390,6 +482,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     from export.models import build_model
 
     keras.utils.set_random_seed(config.seed)
+    compute = resolve_compute(config.compute, on_gpu=devices() != ["CPU"])
+    keras.config.set_dtype_policy("mixed_bfloat16" if compute == "bfloat16" else "float32")
     train_ds = make_dataset(split.train, size, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     val_ds = make_dataset(split.val, size, batch_size=config.batch_size, shuffle=False, seed=config.seed)
 
@@ -405,12 +499,22 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             initial_epoch = 0
             state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "wait": 0, "stopped_early": False, "history": []}
 
+    state["compute"] = compute
     steps = -(-len(split.train) // config.batch_size)
-    callbacks = [_checkpoint_callback(run_dir, state, config.patience)]
+    float32_model = lambda: build_model(config.model, size, latent_dim=config.latent_dim, seed=config.seed)  # noqa: E731
+    budget_s = config.time_budget * 60 if config.time_budget else None
+    callbacks = [_checkpoint_callback(run_dir, state, config.patience, save_best=_float32_saver(float32_model),
+                                      budget_s=budget_s, started=started)]
     callbacks.append(_progress_callback(config.epochs, steps, initial_epoch) if progress else _log_callback(config.epochs))
-    log.info("Training %s on %s (%d train, %d validation images) with %s", config.model, ", ".join(devices()), len(split.train), len(split.val), config.preset)
-    if initial_epoch < config.epochs and not state["stopped_early"]:
-        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0, shuffle=False)
+    log.info("Training %s on %s in %s (%d train, %d validation images) with the %s preset%s", config.model,
+             ", ".join(devices()), compute, len(split.train), len(split.val), config.preset,
+             f", within {config.time_budget:g} minutes" if budget_s else "")
+    try:
+        if initial_epoch < config.epochs and not state["stopped_early"]:
+            model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                      callbacks=callbacks, verbose=0, shuffle=False)
+    finally:
+        keras.config.set_dtype_policy("float32")
     seconds = state.get("seconds", 0.0)
     if state["history"]:
         from export import plots
@@ -423,6 +527,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         best_val_loss=state["best_val_loss"],
         stopped_early=state["stopped_early"],
         seconds=seconds,
+        stopped_by="budget" if state.get("stopped_budget") else "patience" if state["stopped_early"] else None,
         n_train=len(split.train),
         n_val=len(split.val),
         n_skipped=len(folder.skipped),

@@ -160,7 +160,8 @@ def mse_loss(x, reconstruction):
     Returns:
         A scalar float32 tensor.
     """
-    return keras.ops.mean(keras.ops.square(x - reconstruction))
+    # Under a mixed-precision policy the reconstruction is bfloat16 or float16.
+    return keras.ops.mean(keras.ops.square(x - keras.ops.cast(reconstruction, x.dtype)))
 
 
 def images_of(data):

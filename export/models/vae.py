@@ -58,7 +58,7 @@ class Sampling(layers.Layer):
 
     def call(self, inputs):
         z_mean, z_log_var = inputs
-        eps = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
+        eps = keras.random.normal(ops.shape(z_mean), dtype=z_mean.dtype, seed=self.seed_generator)
         return z_mean + ops.exp(0.5 * z_log_var) * eps
 
     def get_config(self):
@@ -93,7 +93,9 @@ def vae_loss_terms(x, reconstruction, z_mean, z_log_var):
     """
     # keras.losses.binary_crossentropy averages over the last axis: the
     # single channel, so this is the per-pixel BCE, shape (n, H, W).
-    bce = keras.losses.binary_crossentropy(x, reconstruction)
+    # Under a mixed-precision policy the model's outputs are bfloat16; the loss is float32.
+    reconstruction, z_mean, z_log_var = (ops.cast(t, "float32") for t in (reconstruction, z_mean, z_log_var))
+    bce = keras.losses.binary_crossentropy(ops.cast(x, "float32"), reconstruction)
     reconstruction_loss = ops.mean(ops.sum(bce, axis=(1, 2)))
     kl = -0.5 * (1 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var))
     kl_loss = ops.mean(ops.sum(kl, axis=1))
