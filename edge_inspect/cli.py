@@ -191,7 +191,7 @@ def train(
     time_budget: Annotated[Optional[float], typer.Option(help="Minutes of wall time: training stops at the end of the last epoch that leaves room for calibration, keeping the best model. Default: from the preset (cpu: 140).")] = None,
     latent_dim: Annotated[int, typer.Option(help="Latent dimension of the VAEs.")] = 2,
     components: Annotated[int, typer.Option(help="Principal components of the linear-ae.")] = 1024,
-    augment: Annotated[Optional[Augment], typer.Option(help="d4: also fit the 8 quarter-turned and mirrored views of each image (linear-ae; its default).")] = None,
+    augment: Annotated[Optional[Augment], typer.Option(help="d4: the 8 quarter-turned and mirrored views of each image; linear-ae fits them all (its default), the deep models see one drawn anew each epoch (default for them: none).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of normal images held out for validation and calibration.")] = 0.2,
     group_split: Annotated[bool, typer.Option(help="Hold out whole groups of near-duplicate images (rotated or flipped copies of one part), so calibration sees unseen parts.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the split, the shuffling and the initial weights.")] = 0,

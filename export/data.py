@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from edge_inspect.errors import InputError
+from edge_inspect.errors import ConfigError, InputError
 from edge_inspect.preprocess import IMAGE_SUFFIXES, is_image_name, load
 
 log = logging.getLogger(__name__)
@@ -259,12 +259,15 @@ def make_dataset(
     shuffle: bool,
     seed: int,
     cache: bool = True,
+    augment: str = "none",
 ):
     """A ``tf.data.Dataset`` of ``(B, H, W, 1)`` float32 image batches.
 
     Decoding runs in parallel (``num_parallel_calls=AUTOTUNE``) through the
     shared preprocessing; decoded images are cached in memory after the first
     epoch, shuffled with ``seed`` (reshuffled every epoch) and prefetched.
+    ``augment="d4"`` shows each image in one of its eight quarter-turned
+    and mirrored views, drawn anew every epoch (square images only).
     """
     import tensorflow as tf
 
@@ -283,4 +286,13 @@ def make_dataset(
         ds = ds.cache()
     if shuffle:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    if augment == "d4":
+        if height != width:
+            raise ConfigError(f"augment d4 needs square images; the input size is {height}x{width}. Use --augment none.")
+        views = tf.data.Dataset.random(seed=seed + 1).map(lambda r: (tf.cast(r % 4, tf.int32), r // 4 % 2))
+        ds = tf.data.Dataset.zip(ds, views).map(
+            lambda image, view: tf.cond(view[1] == 1, lambda: tf.image.flip_left_right(tf.image.rot90(image, view[0])),
+                                        lambda: tf.image.rot90(image, view[0])),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -120,11 +120,6 @@ class TrainConfig:
             filled = replace(filled, augment="d4" if filled.model == "linear-ae" else "none")
         if filled.augment not in AUGMENTATIONS:
             raise ConfigError(f"At 'augment': unknown '{filled.augment}'. Choose one of: {', '.join(AUGMENTATIONS)}.")
-        if filled.augment != "none" and filled.model != "linear-ae":
-            raise ConfigError(
-                f"At 'augment': '{filled.augment}' is only available for linear-ae; the {filled.model} "
-                "trains on the images as they are. Use --augment none."
-            )
         checks = {
             "size": (filled.size >= 16, "16 pixels or more"),
             "epochs": (filled.epochs >= 1, "1 or more"),
@@ -484,7 +479,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     keras.utils.set_random_seed(config.seed)
     compute = resolve_compute(config.compute, on_gpu=devices() != ["CPU"])
     keras.config.set_dtype_policy("mixed_bfloat16" if compute == "bfloat16" else "float32")
-    train_ds = make_dataset(split.train, size, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    train_ds = make_dataset(split.train, size, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                            augment=config.augment)
     val_ds = make_dataset(split.val, size, batch_size=config.batch_size, shuffle=False, seed=config.seed)
 
     with _strategy().scope():

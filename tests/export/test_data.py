@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_inspect.errors import InputError
+from edge_inspect.errors import ConfigError, InputError
 from export.data import make_dataset, near_duplicate_groups, scan_folder, split_paths
 from tests.support import write_parts
 
@@ -120,3 +120,21 @@ def test_dataset_shuffles_with_seed(normal_dir):
     plain = np.concatenate([b.numpy() for b in make_dataset(folder.paths, (32, 32), batch_size=8, shuffle=False, seed=3)])
     assert not np.array_equal(x, plain)
     np.testing.assert_allclose(np.sort(x.ravel()), np.sort(plain.ravel()))
+
+
+def test_d4_augmentation_shows_each_image_in_one_of_its_eight_views(normal_dir):
+    folder = scan_folder(normal_dir, (32, 32))
+    plain = np.concatenate([b.numpy() for b in make_dataset(folder.paths, (32, 32), batch_size=8, shuffle=False, seed=3)])
+    epochs = [np.concatenate([b.numpy() for b in make_dataset(folder.paths, (32, 32), batch_size=8, shuffle=False,
+                                                             seed=3, augment="d4")]) for _ in range(2)]
+    np.testing.assert_array_equal(epochs[0], epochs[1])  # seeded
+    views = []
+    for image, seen in zip(plain[..., 0], epochs[0][..., 0]):
+        turns = [np.rot90(image, k) for k in range(4)]
+        candidates = turns + [np.fliplr(t) for t in turns]
+        matches = [i for i, c in enumerate(candidates) if np.array_equal(c, seen)]
+        assert matches, "an augmented image is not a view of its original"
+        views.append(matches[0])
+    assert len(set(views)) >= 6  # 80 draws from eight views
+    with pytest.raises(ConfigError, match="square"):
+        make_dataset(folder.paths, (32, 48), batch_size=8, shuffle=False, seed=3, augment="d4")

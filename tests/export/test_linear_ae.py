@@ -104,9 +104,10 @@ assert not loaded, loaded
     assert (tmp_path / "model" / "model.int8.onnx").is_file()
 
 
-def test_augment_is_linear_only_and_resume_has_nothing_to_continue(normal_dir, tmp_path):
-    with pytest.raises(ConfigError, match="only available for linear-ae"):
-        TrainConfig(model="conv-ae", normal_dir=str(normal_dir), out_dir=str(tmp_path / "a"), augment="d4").resolved()
+def test_augment_defaults_and_resume_has_nothing_to_continue(normal_dir, tmp_path):
+    with pytest.raises(ConfigError, match="unknown 'd8'"):
+        TrainConfig(model="conv-ae", normal_dir=str(normal_dir), out_dir=str(tmp_path / "a"), augment="d8").resolved()
+    assert TrainConfig(model="linear-ae", normal_dir="x", out_dir="y").resolved().augment == "d4"
     assert TrainConfig(model="conv-ae", normal_dir="x", out_dir="y").resolved().augment == "none"
     with pytest.raises(ModelCardError, match="Cannot resume"):
         train(TrainConfig(model="linear-ae", normal_dir=str(normal_dir), out_dir=str(tmp_path / "b"), size=32,
