@@ -405,7 +405,7 @@ def export_model(
     out: Annotated[Path, typer.Option(help="Model folder to write (model.onnx, model.json, ...).")],
     precision: Annotated[Optional[list[Precision]], typer.Option(help="Also write this precision (repeatable); fp32 is always written.")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (13 to 18).")] = 17,
-    force: Annotated[bool, typer.Option("--force", help="Write fp16/int8 even if its verdicts agree with fp32 on fewer than 99% of images.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write fp16/int8 even if its verdicts agree with fp32 on fewer than 99.5% of images.")] = False,
     anomalous: Annotated[Optional[Path], typer.Option(help="Defective images, to report the AUC-ROC of fp32 and the AUC change of fp16/int8.")] = None,
     default_precision: Annotated[Optional[Precision], typer.Option(help="The precision predict, watch and serve load unless told otherwise; one of those written. Default: fp32.")] = None,
 ) -> None:
