@@ -677,7 +677,9 @@ def demo(
                                    f"{inspector.criterion})", counts))
     console.print(f"Inspect your own images with: edge-inspect predict --model {escape(str(model_dir))} PATH...",
                   highlight=False, soft_wrap=True)
-    report = (run / "eval" / "report.html").resolve()
+    from export.run_folder import RunFolder
+
+    report = (RunFolder(run).eval_dir / "report.html").resolve()
     console.print(f"Report: {escape(str(report))} (open it in a browser)", highlight=False, soft_wrap=True)
 
 

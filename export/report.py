@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_inspect import numbers
+from export.run_folder import RunFolder
 
 #: Overlays shown per kind (missed defects, false alarms); the rest are listed without one.
 OVERLAY_LIMIT = 200
@@ -209,12 +210,11 @@ def _metrics_table(result, colours: dict[str, str]) -> list[str]:
 
 def _training(run_dir: Path) -> list[str]:
     """The loss curve of the run, or why it has none."""
-    import json
-
     rows = ["<h2>Training</h2>"]
-    loss = Path(run_dir) / "loss.png"
+    run = RunFolder(run_dir)
+    loss = run.loss_plot_path
     try:
-        kind = json.loads((Path(run_dir) / "config.json").read_text())["train"]["model"]
+        kind = run.config()["train"]["model"]
     except (OSError, ValueError, KeyError):
         kind = None
     if loss.is_file():

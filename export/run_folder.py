@@ -58,6 +58,7 @@ class RunFolder:
         keras_path, npz_path: where training writes the model of each kind.
         fit_images_path: the linear-ae's preprocessed images during its
             fit, removed afterwards.
+        eval_dir: the default folder of ``evaluate``'s report.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -75,6 +76,7 @@ class RunFolder:
         self.keras_path = self.path / "model.keras"
         self.npz_path = self.path / "model.npz"
         self.fit_images_path = self.path / ".fit-images.f32"  # the linear-ae's images while it fits
+        self.eval_dir = self.path / "eval"  # what `evaluate` writes unless told another folder
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
