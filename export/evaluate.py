@@ -158,7 +158,7 @@ def evaluate(
         scores=oriented_scores,
         thresholds={name: calibration["criteria"][name]["threshold"] for name in names},
     )
-    out = Path(out_dir) if out_dir else folder.eval_dir
+    out = Path(out_dir) if out_dir else RunFolder(run_dir).eval_dir
     out.mkdir(parents=True, exist_ok=True)
     write_tables(result, out)
     from export import plots
