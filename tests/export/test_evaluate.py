@@ -79,3 +79,12 @@ def test_evaluate_cli_prints_the_table(trained_run, big_defects, tmp_path):
     assert "AUC-ROC" in result.output and "range" in result.output and "oracle" in result.output
     result = runner.invoke(app, ["evaluate", str(tmp_path), "--normal", str(big_defects / "ok"), "--anomalous", str(big_defects / "def")])
     assert result.exit_code == 1 and "not a trained run folder" in result.stderr
+
+
+def test_evaluate_without_out_writes_into_the_runs_eval_folder(trained_run, big_defects, tmp_path):
+    import shutil
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    result = runner.invoke(app, ["evaluate", str(run), "--normal", str(big_defects / "ok"), "--anomalous", str(big_defects / "def")])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert {"metrics.json", "report.html", "roc.png"} <= {p.name for p in (run / "eval").iterdir()}
