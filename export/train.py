@@ -64,8 +64,8 @@ PRESETS = {
     # epoch costs 6-7x less than at 300 px; see docs/training.md.
     "fast": Preset(size=128, epochs=40, batch_size=32, lr=1e-3, patience=8, linear_size=LINEAR_SIZE),
     # The paper's models within 150 minutes on a 2-core CPU, in one go:
-    # bfloat16 maths where the CPU has it (twice the speed of float32 for
-    # the conv AE), and a budget that ends training in time for calibration.
+    # bfloat16 maths where the CPU has it (an epoch 1.5x faster than float32,
+    # docs/training.md), and a budget that ends training in time for calibration.
     "cpu": Preset(size=128, epochs=100, batch_size=32, lr=1e-3, patience=10, linear_size=LINEAR_SIZE,
                   compute="auto", time_budget=140.0),
 }
