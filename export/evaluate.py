@@ -116,12 +116,12 @@ def evaluate(
     from export.run_folder import RunFolder
     from export.scoring import load_run, score_paths
 
-    folder = RunFolder(run_dir)
-    run_dir, cal_path = folder.path, folder.calibration_path
-    if folder.model_file is not None:  # else load_run says what is missing
-        folder.require_calibration("evaluate")
+    run_folder = RunFolder(run_dir)
+    run_dir, cal_path = run_folder.path, run_folder.calibration_path
+    if run_folder.model_file is not None:  # else load_run says what is missing
+        run_folder.require_calibration("evaluate")
     run = load_run(run_dir)
-    calibration = folder.calibration()
+    calibration = run_folder.calibration()
     folders = {}
     for label, folder in (("normal", normal_dir), ("anomalous", anomalous_dir)):
         try:
@@ -158,7 +158,7 @@ def evaluate(
         scores=oriented_scores,
         thresholds={name: calibration["criteria"][name]["threshold"] for name in names},
     )
-    out = Path(out_dir) if out_dir else RunFolder(run_dir).eval_dir
+    out = Path(out_dir) if out_dir else run_folder.eval_dir
     out.mkdir(parents=True, exist_ok=True)
     write_tables(result, out)
     from export import plots

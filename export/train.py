@@ -10,6 +10,7 @@ its files): the model, ``config.json``, ``split.json``, ``skipped.txt``,
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -497,7 +498,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
     state["compute"] = compute
     steps = -(-len(split.train) // config.batch_size)
-    float32_model = lambda: build_model(config.model, size, latent_dim=config.latent_dim, seed=config.seed)  # noqa: E731
+    float32_model = functools.partial(build_model, config.model, size, latent_dim=config.latent_dim, seed=config.seed)
     budget_s = config.time_budget * 60 if config.time_budget else None
     callbacks = [_checkpoint_callback(run_dir, state, config.patience, save_best=_float32_saver(float32_model),
                                       budget_s=budget_s, started=started)]
