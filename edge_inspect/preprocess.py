@@ -5,22 +5,36 @@ line, goes through :func:`preprocess`: decode, convert to grayscale, scale to
 [0, 1] float32, then resize with area interpolation to the model's input size.
 Training and inspection therefore cannot drift apart.
 
+The common input, a uint8 image at least as large as the model's input, takes
+a compiled path (:func:`_grey_area_u8`) that does the same arithmetic in one
+pass: grey in float32 with OpenCV's weights, then OpenCV's INTER_AREA table,
+rows first. It agrees with the OpenCV calls to within a few float32 roundings
+(``tests/runtime/test_preprocess.py`` holds it to 1e-6) at a third of their
+time (``docs/benchmarks.md``).
+
     >>> from edge_inspect.preprocess import read_image, preprocess
     >>> x = preprocess(read_image("part.png"), (128, 128))   # (128, 128) float32
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
+from edge_inspect import numba_cache  # before Numba: it chooses the cache folder
 
-from edge_inspect.errors import InputError
-from edge_inspect.imageheader import ACCEPTED, DEFAULT_MAX_PIXELS, admit
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit  # noqa: E402
+
+from edge_inspect.errors import InputError  # noqa: E402
+from edge_inspect.imageheader import ACCEPTED, DEFAULT_MAX_PIXELS, admit  # noqa: E402
+
+numba_cache.configure()
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +184,140 @@ def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     Returns:
         ``(height, width)`` float32 in [0, 1], C-contiguous.
     """
-    gray = to_unit_gray(image)
     height, width = size
+    if _compiled_path(image, size):
+        return grey_area_u8(image, size)
+    gray = to_unit_gray(image)
     if gray.shape != (height, width):
         gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(gray, dtype=np.float32)
+
+
+def _compiled_path(image: np.ndarray, size: tuple[int, int]) -> bool:
+    """Whether :func:`grey_area_u8` does :func:`preprocess`'s work: uint8, 1, 3 or 4 channels, not enlarged."""
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
+        return False
+    return image.shape[0] >= size[0] >= 1 and image.shape[1] >= size[1] >= 1
+
+
+#: OpenCV's grey weights (``cvtColor``, BGR order) and the uint8 scale, in float32: :func:`to_unit_gray`'s numbers.
+_GREY_B, _GREY_G, _GREY_R = np.float32(0.114), np.float32(0.587), np.float32(0.299)
+_UNIT8 = np.float32(1 / 255)
+
+
+def grey_area_u8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """:func:`preprocess` of a uint8 image no smaller than ``size``, compiled.
+
+    Args:
+        image: ``(H, W)`` or ``(H, W, C)`` uint8, C 1, 3 (BGR) or 4 (BGRA),
+            ``H >= height`` and ``W >= width``.
+        size: ``(height, width)`` of the model input.
+
+    Returns:
+        ``(height, width)`` float32 in [0, 1].
+
+    Raises:
+        InputError: another dtype, channel count, or an image smaller than ``size``.
+    """
+    if not _compiled_path(image, size):
+        raise InputError(f"grey_area_u8 takes a uint8 image of 1, 3 or 4 channels no smaller than {size}; got "
+                         f"{image.shape} {image.dtype}. Use preprocess(), which takes any image.")
+    height, width = size
+    rows, columns = image.shape[:2]
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    out = np.empty((height, width), np.float32)
+    _grey_area_u8(np.ascontiguousarray(image).reshape(-1), rows, columns, channels,
+                  *_area_taps(rows, height), *_area_taps(columns, width), out)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _area_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's INTER_AREA weights along one axis, ``source`` -> ``target`` pixels, ``source >= target``.
+
+    Output pixel ``d`` covers ``[d * s, (d + 1) * s)`` of the source, ``s =
+    source / target``; each source pixel it overlaps weighs the overlap over
+    ``s`` (``computeResizeAreaTab`` in OpenCV's ``imgproc/resize.cpp``, with
+    its 1e-3 tolerance and float32 weights).
+
+    Returns:
+        ``(first, weights)``: ``(target,)`` int32 and ``(K, target)`` float32,
+        K the most source pixels an output pixel covers; output ``d`` is
+        ``sum(weights[k, d] * source[first[d] + k] for k in range(K))``.
+    """
+    scale = source / target
+    spans = []
+    for d in range(target):
+        start = d * scale
+        end = start + scale
+        cell = min(scale, source - start)
+        first, last = math.ceil(start), min(math.floor(end), source - 1)
+        first = min(first, last)
+        span = []
+        if first - start > 1e-3:
+            span.append((first - 1, (first - start) / cell))
+        span += [(i, 1.0 / cell) for i in range(first, last)]
+        if end - last > 1e-3:
+            span.append((last, min(end - last, 1.0, cell) / cell))
+        spans.append(span)
+    taps = max(len(span) for span in spans)
+    firsts = np.empty(target, np.int32)
+    weights = np.zeros((taps, target), np.float32)
+    for d, span in enumerate(spans):
+        firsts[d] = min(span[0][0], source - taps)  # every first + k stays in the image; the weights shift with it
+        for i, weight in span:
+            weights[i - firsts[d], d] = weight
+    return firsts, weights
+
+
+@njit(cache=True, nogil=True)
+def _grey_area_u8(pixels, rows, columns, channels, row_first, row_weights, column_first, column_weights, out):
+    """Grey, [0, 1] and area resize of uint8 pixels, in float32.
+
+    Args:
+        pixels: ``(rows * columns * channels,)`` uint8, C order; channels
+            1, 3 (BGR) or 4 (BGRA, alpha ignored).
+        row_first, row_weights, column_first, column_weights: :func:`_area_taps`
+            of the rows and of the columns.
+        out: ``(height, width)`` float32, written.
+
+    Each loop runs along contiguous memory, so that it vectorises: grey,
+    then the rows' weights (over whole source rows), then the columns'
+    weights on the transposed intermediate.
+    """
+    height, width = out.shape
+    n = rows * columns
+    grey = np.empty(n, np.float32)
+    if channels == 1:
+        for i in range(n):
+            grey[i] = np.float32(pixels[i]) * _UNIT8
+    elif channels == 3:
+        for i in range(n):
+            grey[i] = ((np.float32(pixels[3 * i]) * _UNIT8) * _GREY_B + (np.float32(pixels[3 * i + 1]) * _UNIT8)
+                       * _GREY_G + (np.float32(pixels[3 * i + 2]) * _UNIT8) * _GREY_R)
+    else:
+        for i in range(n):
+            grey[i] = ((np.float32(pixels[4 * i]) * _UNIT8) * _GREY_B + (np.float32(pixels[4 * i + 1]) * _UNIT8)
+                       * _GREY_G + (np.float32(pixels[4 * i + 2]) * _UNIT8) * _GREY_R)
+    image = grey.reshape((rows, columns))
+    tall = np.zeros((height, columns), np.float32)
+    for d in range(height):
+        first = row_first[d]
+        for k in range(row_weights.shape[0]):
+            weight = row_weights[k, d]
+            if weight != 0:
+                for x in range(columns):
+                    tall[d, x] += weight * image[first + k, x]
+    across = np.ascontiguousarray(tall.T)
+    result = np.zeros((width, height), np.float32)
+    for d in range(width):
+        first = column_first[d]
+        for k in range(column_weights.shape[0]):
+            weight = column_weights[k, d]
+            if weight != 0:
+                for y in range(height):
+                    result[d, y] += weight * across[first + k, y]
+    out[:, :] = result.T
 
 
 #: An image whose linear size (the square root of its pixel count) is more than this factor larger or smaller
@@ -283,18 +426,34 @@ def _is_colour(image: np.ndarray) -> bool:
     """Whether the first three channels differ by more than :data:`NOTE_COLOUR` somewhere on a sampled grid."""
     step_y = max(1, image.shape[0] // _NOTE_GRID)
     step_x = max(1, image.shape[1] // _NOTE_GRID)
-    sample = image[::step_y, ::step_x, :3]
     if image.dtype == np.uint8:
-        full = 255.0
-    elif image.dtype == np.uint16:
-        full = 65535.0
-    else:
-        full = 1.0
+        return _colour_spread_u8(image, step_y, step_x) > NOTE_COLOUR * 255.0
+    sample = image[::step_y, ::step_x, :3]
+    full = 65535.0 if image.dtype == np.uint16 else 1.0
     # Elementwise over the three channel planes: a reduction along an axis of three costs 1.8 ms an image,
     # as much as the rest of the pipeline around inference (docs/benchmarks.md); fmax/fmin skip NaN.
     b, g, r = (sample[..., c].astype(np.float32) for c in range(3))
     spread = np.fmax(np.fmax(b, g), r) - np.fmin(np.fmin(b, g), r)
     return bool(spread.size and np.nanmax(spread) > NOTE_COLOUR * full)
+
+
+@njit(cache=True, nogil=True)
+def _colour_spread_u8(image, step_y, step_x):
+    """The largest max - min of the first three channels over ``image[::step_y, ::step_x]``.
+
+    Args:
+        image: ``(H, W, C)`` uint8, C >= 3.
+        step_y, step_x: the grid's steps, >= 1.
+
+    Returns:
+        An int in [0, 255].
+    """
+    spread = 0
+    for y in range(0, image.shape[0], step_y):
+        for x in range(0, image.shape[1], step_x):
+            b, g, r = np.int32(image[y, x, 0]), np.int32(image[y, x, 1]), np.int32(image[y, x, 2])
+            spread = max(spread, max(b, g, r) - min(b, g, r))
+    return spread
 
 
 def load(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:

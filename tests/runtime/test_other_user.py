@@ -16,11 +16,12 @@ def test_the_kernels_compile_and_cache_for_a_user_without_a_home_or_numba_cache_
     code = textwrap.dedent("""
         import os, numpy as np
         assert "NUMBA_CACHE_DIR" not in os.environ
-        from edge_inspect import kernels
+        from edge_inspect import kernels, numba_cache, preprocess
         x = np.random.default_rng(0).random((2, 16, 16), dtype=np.float32)
         values = kernels.criteria(x, x * 0.5)
-        print(kernels._CACHE_DIR)
-        print(os.stat(kernels._CACHE_DIR).st_uid, oct(os.stat(kernels._CACHE_DIR).st_mode & 0o777))
+        image = preprocess.preprocess(np.zeros((32, 32, 3), np.uint8), (16, 16))
+        print(numba_cache._CACHE_DIR)
+        print(os.stat(numba_cache._CACHE_DIR).st_uid, oct(os.stat(numba_cache._CACHE_DIR).st_mode & 0o777))
     """)
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
     env["HOME"] = "/nonexistent"
@@ -30,4 +31,5 @@ def test_the_kernels_compile_and_cache_for_a_user_without_a_home_or_numba_cache_
     folder, owner = out.stdout.split("\n")[:2]
     uid, mode = owner.split()
     assert int(uid) == 65534 and mode == "0o700", out.stdout
-    assert any(name.endswith(".nbi") for _, _, names in os.walk(folder) for name in names), "nothing was cached"
+    cached = [name for _, _, names in os.walk(folder) for name in names if name.endswith(".nbi")]
+    assert any("kernels" in name for name in cached) and any("preprocess" in name for name in cached), cached

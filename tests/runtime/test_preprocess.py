@@ -5,7 +5,16 @@ import numpy as np
 import pytest
 
 from edge_inspect.errors import InputError
-from edge_inspect.preprocess import decode_image, load, preprocess, read_image, to_unit_gray
+from edge_inspect.preprocess import (
+    _is_colour,
+    decode_image,
+    grey_area_u8,
+    input_note,
+    load,
+    preprocess,
+    read_image,
+    to_unit_gray,
+)
 
 
 def _encode(image, ext=".png"):
@@ -43,6 +52,70 @@ def test_resize_is_area_interpolation_to_height_width():
     out = preprocess(image, (20, 15))
     assert out.shape == (20, 15) and out.dtype == np.float32 and out.flags.c_contiguous
     np.testing.assert_allclose(out, cv2.resize(image / 255.0, (15, 20), interpolation=cv2.INTER_AREA), atol=1e-6)
+
+
+def _opencv_twin(image, size):
+    """What preprocess does with OpenCV's own calls: the twin of the compiled path."""
+    gray = to_unit_gray(image)
+    height, width = size
+    return gray if gray.shape == size else cv2.resize(gray, (width, height), interpolation=cv2.INTER_AREA)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_path_agrees_with_opencv_on_random_shapes(seed):
+    rng = np.random.default_rng(seed)
+    for trial in range(60):
+        rows, columns = (int(v) for v in rng.integers(1, 400, 2))
+        size = (int(rng.integers(1, rows + 1)), int(rng.integers(1, columns + 1)))
+        channels = (None, 1, 3, 4)[trial % 4]
+        image = rng.integers(0, 256, (rows, columns) if channels is None else (rows, columns, channels), np.uint8)
+        out = preprocess(image, size)
+        assert out.shape == size and out.dtype == np.float32 and out.flags.c_contiguous
+        np.testing.assert_allclose(out, _opencv_twin(image, size), rtol=0, atol=1e-6, err_msg=f"{image.shape} -> {size}")
+
+
+@pytest.mark.parametrize(("shape", "size"), [
+    ((1, 1, 3), (1, 1)),            # a single pixel
+    ((300, 300, 3), (300, 300)),    # no resize: grey and scale only
+    ((512, 512), (256, 256)),       # a whole factor (OpenCV's block-average path)
+    ((300, 300, 3), (256, 256)),    # the casting images and the default model
+    ((999, 3, 4), (1, 1)),          # everything into one pixel
+    ((7, 500), (7, 3)),             # one axis kept, the other shrunk a lot
+])
+def test_compiled_path_edge_cases(shape, size):
+    rng = np.random.default_rng(1)
+    for image in (np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8), rng.integers(0, 256, shape, np.uint8)):
+        out = preprocess(image, size)
+        np.testing.assert_allclose(out, _opencv_twin(image, size), rtol=0, atol=1e-6)
+        assert 0.0 <= out.min() and out.max() <= 1.0 + 1e-6
+
+
+def test_compiled_path_takes_views_and_leaves_enlarging_to_opencv():
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (200, 300, 3), np.uint8)
+    view = image[10:190:2, ::-1]                      # strided and reversed: not contiguous
+    np.testing.assert_allclose(preprocess(view, (64, 64)), _opencv_twin(view, (64, 64)), rtol=0, atol=1e-6)
+    small = image[:20, :20]                           # enlarged: OpenCV's own path, as before
+    np.testing.assert_array_equal(preprocess(small, (64, 64)), _opencv_twin(small, (64, 64)))
+    with pytest.raises(InputError, match="no smaller than"):
+        grey_area_u8(small, (64, 64))
+    with pytest.raises(InputError, match="uint16"):
+        grey_area_u8(image.astype(np.uint16), (64, 64))
+
+
+def test_colour_test_of_uint8_agrees_with_the_sampled_grid():
+    rng = np.random.default_rng(3)
+    for trial in range(100):
+        shape = (int(rng.integers(1, 600)), int(rng.integers(1, 600)), 3 + trial % 2)
+        image = np.repeat(rng.integers(0, 256, shape[:2] + (1,), np.uint8), shape[2], axis=2)
+        y, x = int(rng.integers(0, shape[0])), int(rng.integers(0, shape[1]))
+        image[y, x, int(rng.integers(0, 3))] ^= np.uint8(rng.integers(1, 40))   # one pixel, maybe on the grid
+        step_y, step_x = max(1, shape[0] // 128), max(1, shape[1] // 128)
+        sample = image[::step_y, ::step_x, :3].astype(int)
+        expected = (sample.max(axis=2) - sample.min(axis=2)).max() > 0.04 * 255
+        assert _is_colour(image) == expected
+        note = input_note(image, shape[:2])
+        assert (note is not None and "colour" in note.kinds) == expected
 
 
 def test_unsupported_dtype_and_shape_are_named():
