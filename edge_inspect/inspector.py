@@ -305,7 +305,8 @@ class Inspector:
 #: |residual| shown at full colour in overlays: a fixed scale, so that
 #: overlays of different parts compare at a glance.
 HEATMAP_FULL_SCALE = 0.25
-#: Overlays narrower than this are enlarged (whole pixels repeated) so that the banner's text is legible.
+#: Overlays with a banner are at least this wide, so that its text is legible: a narrower part sits at its own
+#: size in the middle of a dark canvas of this width (enlarging the part made a 32 px part's file 100 times larger).
 HEATMAP_MIN_WIDTH = 512
 #: Banner colours (BGR): background, text, and the verdict words.
 _BANNER = (32, 32, 32)
@@ -337,7 +338,8 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, *, score: float 
             (for thumbnails whose page says the rest).
 
     Returns:
-        ``(k*H + banner, k*W, 3)`` uint8 BGR, ready for ``cv2.imwrite``: the
+        ``(H + banner, max(W, HEATMAP_MIN_WIDTH), 3)`` uint8 BGR (``(H, W,
+        3)`` without the banner), ready for ``cv2.imwrite``: the
         map, resized with linear interpolation and coloured with the JET map
         on a fixed scale (0 blue, :data:`HEATMAP_FULL_SCALE` and above red),
         over the image; below it a dark banner with the verdict, score,
@@ -348,9 +350,6 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, *, score: float 
     from edge_inspect.preprocess import to_unit_gray
 
     gray = to_unit_gray(np.asarray(image))
-    factor = max(1, -(-HEATMAP_MIN_WIDTH // gray.shape[1])) if banner else 1
-    if factor > 1:
-        gray = np.kron(gray, np.ones((factor, factor), gray.dtype))
     height, width = gray.shape
     amap = cv2.resize(np.asarray(anomaly_map, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     strength = np.clip(np.nan_to_num(amap, nan=0.0) / HEATMAP_FULL_SCALE, 0.0, 1.0)
@@ -360,7 +359,11 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, *, score: float 
     tinted = np.where(weight > 0, base * (1.0 - weight) + colour * weight + 0.5, base).astype(np.uint8)
     if not banner:
         return tinted
-    return np.vstack([tinted, _banner(width, score, threshold, verdict, criterion)])
+    canvas_width = max(width, HEATMAP_MIN_WIDTH)
+    picture = np.full((height, canvas_width, 3), _BANNER, np.uint8)
+    left = (canvas_width - width) // 2
+    picture[:, left:left + width] = tinted
+    return np.vstack([picture, _banner(canvas_width, score, threshold, verdict, criterion)])
 
 
 def _banner(width: int, score, threshold, verdict, criterion) -> np.ndarray:

@@ -39,15 +39,18 @@ def _text_rows(banner: np.ndarray) -> np.ndarray:
 def test_zero_residual_keeps_the_parts_own_grey_and_the_banner_is_legible(size):
     image = make_part(np.random.default_rng(3), size=size)[0]
     overlay = heatmap_overlay(image, _map(), **DECISION)
-    factor = max(1, -(-HEATMAP_MIN_WIDTH // size))
-    assert overlay.shape[1] == size * factor and overlay.shape[0] > size * factor
-    picture, banner = overlay[: size * factor], overlay[size * factor:]
-    grey = np.kron(image, np.ones((factor, factor), np.uint8))
+    width = max(size, HEATMAP_MIN_WIDTH)
+    assert overlay.shape[1] == width and overlay.shape[0] > size
+    # The part at its own size, centred; a small one on a dark canvas, a large one filling the width.
+    left = (width - size) // 2
+    picture, banner = overlay[:size, left:left + size], overlay[size:]
+    canvas = np.delete(overlay[:size], np.s_[left:left + size], axis=1)
+    assert canvas.size == 0 if size >= HEATMAP_MIN_WIDTH else (canvas == canvas[0, 0]).all() and canvas.max() < 64
     # The lower half had zero residual: every pixel is the part's own, in all three channels.
-    half = size * factor // 2
-    assert np.array_equal(picture[half:], np.repeat(grey[half:, :, None], 3, axis=2))
+    half = size // 2
+    assert np.array_equal(picture[half:], np.repeat(image[half:, :, None], 3, axis=2))
     # The defect block is tinted red (JET at full scale), not left grey.
-    inner = slice(6 * size * factor // 32, 10 * size * factor // 32)  # inside the block, clear of its blurred edge
+    inner = slice(6 * size // 32, 10 * size // 32)  # inside the block, clear of its blurred edge
     block = picture[inner, inner]
     assert (block[..., 2].astype(int) - block[..., 0].astype(int)).mean() > 40
     # The banner: two lines of text at least 9 px high on a 64 px part, larger on a large one.
@@ -66,12 +69,23 @@ def test_zero_residual_keeps_the_parts_own_grey_and_the_banner_is_legible(size):
     assert (bar_row[blue.min(): reds.max()].max(axis=1) > 100).all(), "the bar is continuous"
 
 
+def test_a_small_parts_overlay_stays_small_on_disk():
+    image = np.random.default_rng(6).integers(0, 256, (32, 32), np.uint8)   # texture: PNG cannot shrink the part
+    overlay = heatmap_overlay(image, _map(), **DECISION)
+    ok, encoded = cv2.imencode(".png", overlay)
+    ok_alone, alone = cv2.imencode(".png", heatmap_overlay(image, _map(), banner=False))
+    assert ok and ok_alone
+    # The canvas and the banner are flat colour and text: what they add does not grow with the part's pixels
+    # (the part enlarged 16 times to fill the width made this file about 280 KB).
+    assert len(encoded) < len(alone) + 32_000, (len(encoded), len(alone))
+
+
 def test_the_banner_names_the_verdict_in_its_colour():
     image = make_part(np.random.default_rng(4), size=64)[0]
     ok = heatmap_overlay(image, _map(), **{**DECISION, "score": 0.2, "verdict": "ok"})
     ng = heatmap_overlay(image, _map(), **DECISION)
     assert ok.shape == ng.shape
-    h = 64 * (HEATMAP_MIN_WIDTH // 64)
+    h = 64
     green = lambda a: ((a[..., 1] > 150) & (a[..., 2] < 130) & (a[..., 0] < 130)).sum()  # noqa: E731
     assert green(ok[h:]) > 20 and green(ng[h:]) == 0
     assert not np.array_equal(ok[h:], ng[h:])  # the score differs too
@@ -91,7 +105,7 @@ def test_the_sink_writes_ok_parts_only_when_asked(tmp_path):
     assert [every.wants(r) for r in (ok, ng, error)] == [True, True, False]
     written = every.write([Done(ok, image, _map()), Done(ng, image, _map())])
     overlay = cv2.imread(written[ok.id]["heatmap"])
-    assert overlay.shape[1] == HEATMAP_MIN_WIDTH and overlay.shape[0] > HEATMAP_MIN_WIDTH
+    assert overlay.shape[1] == HEATMAP_MIN_WIDTH and 32 < overlay.shape[0] < HEATMAP_MIN_WIDTH
     assert not np.array_equal(overlay, cv2.imread(written[ng.id]["heatmap"]))  # each carries its own decision
 
 
@@ -174,7 +188,7 @@ def test_watch_writes_overlays_of_ng_parts_unless_asked_for_all(model_dir, tmp_p
         assert len(list(heat.iterdir())) == sum(h is not None for _, _, h in rows)
         if mode == "all":
             ok_overlay = cv2.imread(next(h for v, _, h in rows if v == "ok"))
-            banner = ok_overlay[HEATMAP_MIN_WIDTH:]
+            banner = ok_overlay[32:]
             assert ((banner[..., 1] > 150) & (banner[..., 2] < 130) & (banner[..., 0] < 130)).sum() > 20, "OK in green"
     result = runner.invoke(app, [*base, "--ledger", str(tmp_path / "x.sqlite"), "--heatmaps-all"])
     assert result.exit_code == 1 and "--heatmaps-all: overlays of every part need a folder" in result.stderr
