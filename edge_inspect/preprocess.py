@@ -292,13 +292,9 @@ def _grey_area_u8(pixels, rows, columns, channels, row_first, row_weights, colum
         for i in range(n):
             grey[i] = np.float32(pixels[i]) * _UNIT8
     elif channels == 3:
-        for i in range(n):
-            grey[i] = ((np.float32(pixels[3 * i]) * _UNIT8) * _GREY_B + (np.float32(pixels[3 * i + 1]) * _UNIT8)
-                       * _GREY_G + (np.float32(pixels[3 * i + 2]) * _UNIT8) * _GREY_R)
+        _weigh_channels(pixels, 3, grey)  # a literal stride, so that the loop vectorises
     else:
-        for i in range(n):
-            grey[i] = ((np.float32(pixels[4 * i]) * _UNIT8) * _GREY_B + (np.float32(pixels[4 * i + 1]) * _UNIT8)
-                       * _GREY_G + (np.float32(pixels[4 * i + 2]) * _UNIT8) * _GREY_R)
+        _weigh_channels(pixels, 4, grey)
     image = grey.reshape((rows, columns))
     tall = np.zeros((height, columns), np.float32)
     for d in range(height):
@@ -435,6 +431,14 @@ def _is_colour(image: np.ndarray) -> bool:
     b, g, r = (sample[..., c].astype(np.float32) for c in range(3))
     spread = np.fmax(np.fmax(b, g), r) - np.fmin(np.fmin(b, g), r)
     return bool(spread.size and np.nanmax(spread) > NOTE_COLOUR * full)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _weigh_channels(pixels, stride, grey):
+    """``grey[i]`` = OpenCV's grey of the BGR pixel at ``pixels[stride * i]``, on the [0, 1] scale, in float32."""
+    for i in range(grey.size):
+        grey[i] = ((np.float32(pixels[stride * i]) * _UNIT8) * _GREY_B + (np.float32(pixels[stride * i + 1]) * _UNIT8)
+                   * _GREY_G + (np.float32(pixels[stride * i + 2]) * _UNIT8) * _GREY_R)
 
 
 @njit(cache=True, nogil=True)

@@ -44,6 +44,7 @@ from edge_inspect.errors import ConfigError
 from edge_inspect.ledger import Ledger, Record, file_identity, frame_identity
 from edge_inspect.outbox import PAYLOAD_SCHEMA, Outbox, message, payload
 from edge_inspect.sinks.mqtt import MqttError, MqttSink
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "docs" / "verdict.schema.json").read_text(encoding="utf-8"))
@@ -192,14 +193,6 @@ def retained(port: int, topic: str, **login) -> bytes | None:
     return got[0] if got else None
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
-
-
 # ---------------------------------------------------------------- ledgers and sinks
 
 
@@ -247,6 +240,24 @@ def start_outbox(ledger: Path, port: int, batch: int = 50, **more) -> Outbox:
 
 def duplicates(ids: list[str]) -> dict[str, int]:
     return {i: n - 1 for i, n in Counter(ids).items() if n > 1}
+
+
+def drain(box: Outbox, sub, ledger: Path, ids: list[str], last_id: int, what: str) -> tuple[list[str], dict[str, int]]:
+    """Wait until ``sub`` has every verdict and the cursor is at ``last_id``, stop ``box`` and ``sub``.
+
+    Returns the ids received, in order, and the duplicates among them; asserts that none is missing or foreign.
+    """
+    try:
+        wait_until(lambda: set(ids) <= {p["id"] for p in sub.payloads()}, 30, f"every verdict {what}")
+        wait_until(lambda: cursor(ledger) == last_id, 10, "the cursor at the last row")
+        time.sleep(0.5)  # room for a late duplicate to arrive and be counted
+    finally:
+        box.stop()
+        box.join(10)
+        sub.close()
+    got = [p["id"] for p in sub.payloads()]
+    assert set(got) == set(ids)
+    return got, duplicates(got)
 
 
 def ids_of(records: list[Record], ledger: Path) -> list[str]:
@@ -310,19 +321,14 @@ def test_a_broker_stopped_mid_burst_and_started_10_s_later_gets_every_verdict(br
         time.sleep(10)
         assert box.outage is not None  # the outbox noticed
         broker.start()
-        wait_until(lambda: set(ids) <= {p["id"] for p in sub.payloads()}, 30, "every verdict after the restart")
-        wait_until(lambda: cursor(ledger) == records[-1].id, 10, "the cursor at the last row")
-        time.sleep(0.5)
-    finally:
+    except BaseException:
         box.stop()
         box.join(10)
-    sub.close()
-    got = [p["id"] for p in sub.payloads()]
-    dups = duplicates(got)
+        raise
+    got, dups = drain(box, sub, ledger, ids, records[-1].id, "after the restart")
     with capsys.disabled():
         print(f"\nbroker restart: {len(got)} messages for {len(ids)} verdicts; cursor at the stop {at_stop}; "
               f"{sum(dups.values())} duplicate(s): {sorted(dups, key=lambda i: int(i.rsplit(':', 1)[1]))}")
-    assert set(got) == set(ids)
     assert len(got) == len(ids) + sum(dups.values())
     # Only the batch in flight when the broker went away can come twice (50), and the messages the broker had
     # sent the subscriber without its PUBACK yet (mosquitto's window of 20), which it sends again after the restart:
@@ -374,19 +380,10 @@ def test_an_outbox_process_killed_mid_delivery_loses_nothing_when_a_new_one_star
     at_kill = cursor(ledger)
     assert at_kill < len(records), "the child delivered everything before the kill: nothing was tested"
     box = start_outbox(ledger, broker.port)
-    try:
-        wait_until(lambda: set(ids) <= {p["id"] for p in sub.payloads()}, 30, "every verdict after the kill")
-        wait_until(lambda: cursor(ledger) == records[-1].id, 10, "the cursor at the last row")
-    finally:
-        box.stop()
-        box.join(10)
-    sub.close()
-    got = [p["id"] for p in sub.payloads()]
-    dups = duplicates(got)
+    got, dups = drain(box, sub, ledger, ids, records[-1].id, "after the kill")
     with capsys.disabled():
         print(f"\nkill -9: cursor at the kill {at_kill}, {len(got)} messages for {len(ids)} verdicts, "
               f"{sum(dups.values())} duplicate(s)")
-    assert set(got) == set(ids)
     assert sum(dups.values()) <= 20  # at most the batch the child had in flight (published, its cursor not moved)
 
 

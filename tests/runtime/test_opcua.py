@@ -29,6 +29,7 @@ from edge_inspect.errors import ConfigError
 from edge_inspect.ledger import Ledger, Record, frame_identity
 from edge_inspect.outbox import Message, Outbox, message
 from edge_inspect.sinks.opcua import OpcUaSink, check
+from tests.support.waiting import running, wait_until
 
 NAMESPACE = "urn:edge-inspect:test-plc"
 #: The PLC's variables: name -> (Variant type, initial value, writable).
@@ -175,12 +176,10 @@ def verdicts(ledger: Ledger, n: int, start: int = 0) -> list[Record]:
     return ledger.record(records)
 
 
-def until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)
+def plc_outbox(ledger: Ledger, plc: Plc, batch: int) -> Outbox:
+    """An outbox that delivers the ledger's verdicts to ``plc`` from the first row."""
+    return Outbox(SOURCE, ledger.path, OpcUaSink(settings(plc.endpoint), source=SOURCE, installation=INSTALLATION),
+                  installation=INSTALLATION, batch=batch, start_at="start", poll=0.01)
 
 
 def cursor(ledger: Ledger) -> int:
@@ -211,20 +210,13 @@ def test_a_burst_leaves_the_last_record_and_the_sequence_never_runs_ahead(plc, t
     plc.snapshots.clear()
     plc.requests.clear()
     with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
-        outbox = Outbox(SOURCE, ledger.path, OpcUaSink(settings(plc.endpoint), source=SOURCE,
-                                                       installation=INSTALLATION),
-                        installation=INSTALLATION, batch=20, start_at="start", poll=0.01)
-        outbox.start()
-        try:
+        with running(plc_outbox(ledger, plc, batch=20)) as outbox:
             for burst in range(30):
                 verdicts(ledger, 10, start=burst * 10)
                 outbox.wake()
                 time.sleep(0.005)
             last = ledger.after(0, 1000)[-1].id
-            until(lambda: cursor(ledger) == last, 15, "the cursor reaches the last row")
-        finally:
-            outbox.stop()
-            outbox.join(10)
+            wait_until(lambda: cursor(ledger) == last, 15, "the cursor reaches the last row")
         assert outbox.outage is None
         assert same(plc_record(plc), expected(ledger, last))
         # Every sequence change found that record's verdict, score and part id already in place.
@@ -246,23 +238,16 @@ def test_a_server_restart_mid_burst_loses_nothing(tmp_path):
     plc = Plc(port).start()
     try:
         with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
-            outbox = Outbox(SOURCE, ledger.path, OpcUaSink(settings(plc.endpoint), source=SOURCE,
-                                                           installation=INSTALLATION),
-                            installation=INSTALLATION, batch=7, start_at="start", poll=0.01)
-            outbox.start()
-            try:
+            with running(plc_outbox(ledger, plc, batch=7)) as outbox:
                 verdicts(ledger, 20)
-                until(lambda: cursor(ledger) == 20, 10, "the first rows delivered")
+                wait_until(lambda: cursor(ledger) == 20, 10, "the first rows delivered")
                 plc.stop()
                 verdicts(ledger, 30, start=20)  # the PLC is down: they wait
-                until(lambda: outbox.outage is not None, 10, "the outage noticed")
+                wait_until(lambda: outbox.outage is not None, 10, "the outage noticed")
                 assert cursor(ledger) < 50
                 plc.start()  # the same port, a fresh address space
                 verdicts(ledger, 25, start=50)
-                until(lambda: cursor(ledger) == 75, 30, "the cursor reaches the last row after the restart")
-            finally:
-                outbox.stop()
-                outbox.join(10)
+                wait_until(lambda: cursor(ledger) == 75, 30, "the cursor reaches the last row after the restart")
             assert outbox.outage is None and outbox.delivered == 75
             assert same(plc_record(plc), expected(ledger, 75))
             for snapshot in plc.snapshots:

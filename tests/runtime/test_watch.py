@@ -24,6 +24,7 @@ from edge_inspect.sources import Camera, FileItem, HotFolder
 from edge_inspect.watch import Watcher, image_dimensions, read_file
 from tests.runtime.conftest import model_dir, tiny_base  # noqa: F401  (shared fixtures)
 from tests.support import DEFECTS, make_part, write_parts
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 180.0  # generous: the machine may be loaded
@@ -35,12 +36,7 @@ def inspector(model_dir):  # noqa: F811
 
 
 def wait_for(condition, timeout=WAIT_S, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_until(condition, timeout, what, interval=0.05)
 
 
 class Running:
