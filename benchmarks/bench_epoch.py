@@ -5,9 +5,11 @@ Times a number of training steps after a warm-up and scales to an epoch of
 configuration takes its preset's size, batch and maths (``cpu``: bfloat16
 where the CPU has it). All run in the same process, one after another and
 ``--rounds`` times in turn, so the figures are comparable within one run;
-the table gives each configuration's median over the rounds.
+the table gives each configuration's median over the rounds. ``--xla both``
+times each configuration also compiled by XLA (``jit_compile=True``).
 
     python benchmarks/bench_epoch.py --presets paper cpu fast
+    python benchmarks/bench_epoch.py --models conv-ae --presets fast cpu --xla both
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--images", type=int, default=2500)
+    parser.add_argument("--xla", choices=["off", "on", "both"], default="off",
+                        help="compile the training step with XLA (jit_compile): off, on, or each configuration both ways")
     args = parser.parse_args()
 
     import keras
@@ -45,14 +49,16 @@ def main() -> None:
         preset = PRESETS[name]
         compute = resolve_compute(preset.compute, on_gpu)
         x = load_batch(files[: preset.batch_size], (preset.size, preset.size))
-        configs += [(kind, name, preset, compute, x) for kind in args.models]
+        xla = {"off": [False], "on": [True], "both": [False, True]}[args.xla]
+        configs += [(kind, name, preset, compute, jit, x) for kind in args.models for jit in xla]
     seconds = {i: [] for i in range(len(configs))}
     for _ in range(args.rounds):
-        for i, (kind, name, preset, compute, x) in enumerate(configs):
+        for i, (kind, name, preset, compute, jit, x) in enumerate(configs):
             keras.config.set_dtype_policy("mixed_bfloat16" if compute == "bfloat16" else "float32")
             keras.utils.set_random_seed(0)
             model = build_model(kind, (preset.size, preset.size))
-            model.compile(optimizer=_make_optimizer(preset.optimizer, preset.lr))  # each model's train_step has its loss
+            # each model's train_step has its loss
+            model.compile(optimizer=_make_optimizer(preset.optimizer, preset.lr), jit_compile=jit)
             model.fit(x, batch_size=preset.batch_size, epochs=1, verbose=0)  # warm-up, builds the graph
             start = time.perf_counter()
             model.fit(x, batch_size=preset.batch_size, epochs=args.steps, verbose=0)
@@ -60,10 +66,11 @@ def main() -> None:
             keras.config.set_dtype_policy("float32")
     print(f"| model | preset | size | batch | maths | s/step | s/epoch ({args.images} images) |")
     print("|---|---|---|---|---|---|---|")
-    for i, (kind, name, preset, compute, _) in enumerate(configs):
+    for i, (kind, name, preset, compute, jit, _) in enumerate(configs):
         per_step = statistics.median(seconds[i])
         epoch = per_step * -(-args.images // preset.batch_size)
-        print(f"| {kind} | {name} | {preset.size} | {preset.batch_size} | {compute} | {per_step:.2f} | {epoch:.0f} |", flush=True)
+        maths = f"{compute}, XLA" if jit else compute
+        print(f"| {kind} | {name} | {preset.size} | {preset.batch_size} | {maths} | {per_step:.2f} | {epoch:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
