@@ -76,7 +76,7 @@ def test_predict_table_criterion_and_heatmaps(model_dir, parts, tmp_path):  # no
     assert result.exit_code == 0, result.output + result.stderr
     assert len(list((tmp_path / "all").glob("*.png"))) == 6
     height, width, channels = cv2.imread(str(written[0])).shape
-    assert channels == 3 and width >= 512 and height > width  # enlarged to be read, a banner under the part
+    assert channels == 3 and width == 512 and 32 < height < width  # the part at its size on a canvas, a banner below
 
 
 def test_predict_errors(model_dir, parts, tmp_path):  # noqa: F811

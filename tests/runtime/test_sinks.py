@@ -177,7 +177,7 @@ def test_heatmap_written_atomically_under_a_stable_name(line, tmp_path):
     target = tmp_path / "heat" / f"{path.stem}-{record.id}.png"
     assert updates == {record.id: {"heatmap": str(target)}}
     overlay = cv2.imread(str(target))
-    assert overlay.shape[1] == 512 and overlay.shape[0] > 512  # enlarged 16-fold, the decision's banner below
+    assert overlay.shape[1] == 512 and 32 < overlay.shape[0] < 512  # the 32 px part on a 512 px canvas, the banner below
     assert sorted(os.listdir(tmp_path / "heat")) == [target.name]  # no temporary left behind
     assert sink.wants(record) and not sink.wants(Record(**{**record.__dict__, "verdict": "ok"}))
     assert heatmap_name(Record(**{**record.__dict__, "kind": "frame", "frame_index": 7})) == f"frame-7-{record.id}.png"
