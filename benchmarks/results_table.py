@@ -43,7 +43,8 @@ def budget(run: Path) -> str:
     return (
         f"preset {train.get('preset', '?')}, {train['size']} px, {state['epoch']} epochs run{stop}, best at {state['best_epoch']}, "
         f"batch {train['batch_size']}, {train['optimizer']} lr {train['lr']}, "
-        f"{state.get('compute', 'float32')} maths, augment {train.get('augment') or 'none'}, "
+        + (f"latent {train.get('latent_dim')}, " if train["model"] in ("vae", "dilated-vae") else "")
+        + f"{state.get('compute', 'float32')} maths, augment {train.get('augment') or 'none'}, "
         f"{config['data']['n_train']} training images, "
         + (f"{state['seconds'] / 60:.0f} min of training" if state.get("seconds") else "wall time not recorded")
         + f" on {', '.join(config['devices'])}"

@@ -189,7 +189,7 @@ def train(
     patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs. Default: from the preset.")] = None,
     compute: Annotated[Optional[Compute], typer.Option(help="Deep models' arithmetic while training: bfloat16 (mixed precision) makes an epoch about 1.5x faster on a CPU that has it; auto picks it there. The saved model is float32. Default: from the preset (cpu: auto, else float32).")] = None,
     time_budget: Annotated[Optional[float], typer.Option(help="Minutes of wall time: training stops at the end of the last epoch that leaves room for calibration, keeping the best model. Default: from the preset (cpu: 140).")] = None,
-    latent_dim: Annotated[int, typer.Option(help="Latent dimension of the VAEs.")] = 2,
+    latent_dim: Annotated[Optional[int], typer.Option(help="Latent dimension of the VAEs. Default: from the preset (the paper's 2; cpu: 32).")] = None,
     components: Annotated[int, typer.Option(help="Principal components of the linear-ae.")] = 1024,
     augment: Annotated[Optional[Augment], typer.Option(help="d4: the 8 quarter-turned and mirrored views of each image; linear-ae fits them all (its default), the deep models see one drawn anew each epoch (default for them: none).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of normal images held out for validation and calibration.")] = 0.2,
@@ -654,7 +654,7 @@ def demo(
     run = out / "runs" / model.value
     train(
         model=model, normal=parts / "ok", out=run, preset=PresetName.fast,
-        size=size, epochs=epochs, batch_size=32, lr=None, patience=None, latent_dim=2,
+        size=size, epochs=epochs, batch_size=32, lr=None, patience=None, latent_dim=None,
         val_fraction=0.2, seed=0, resume=False, components=components,
     )
     evaluate(run_dir=run, normal=parts / "test" / "ok", anomalous=parts / "test" / "ng", out=None)

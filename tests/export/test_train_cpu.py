@@ -20,6 +20,19 @@ def test_cpu_preset_resolves_to_its_budget_and_auto_compute(normal_dir):
     assert (explicit.time_budget, explicit.compute) == (30, "float32")
 
 
+def test_cpu_preset_gives_the_vaes_a_wider_latent_and_longer_training_and_flags_still_win():
+    def resolved(model, preset, **flags):
+        config = TrainConfig(model=model, normal_dir="n", out_dir="x", preset=preset, **flags).resolved()
+        return config.latent_dim, config.epochs, config.patience
+
+    assert resolved("vae", "cpu") == resolved("dilated-vae", "cpu") == (32, 200, 20)
+    assert resolved("conv-ae", "cpu")[1:] == (100, 10)
+    assert resolved("vae", "paper") == (2, 100, 10) and resolved("vae", "fast") == (2, 40, 8)   # the paper's latent
+    assert resolved("vae", "cpu", latent_dim=2, epochs=50) == (2, 50, 20)
+    with pytest.raises(ConfigError, match="latent_dim"):
+        resolved("vae", "cpu", latent_dim=0)
+
+
 @pytest.mark.parametrize(("field", "value", "named"), [("compute", "bf16", "compute"), ("time_budget", 0, "time_budget"),
                                                        ("time_budget", -5.0, "time_budget")])
 def test_bad_compute_or_budget_is_named(field, value, named):
