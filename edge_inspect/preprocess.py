@@ -7,9 +7,9 @@ Training and inspection therefore cannot drift apart.
 
 The common input, a uint8 image at least as large as the model's input, takes
 a compiled path (:func:`_grey_area_u8`) that does the same arithmetic in one
-pass: grey in float32 with OpenCV's weights, then OpenCV's INTER_AREA table,
+call: grey in float32 with OpenCV's weights, then OpenCV's INTER_AREA table,
 rows first. It agrees with the OpenCV calls to within a few float32 roundings
-(``tests/runtime/test_preprocess.py`` holds it to 1e-6) at a third of their
+(``tests/runtime/test_preprocess.py`` holds it to 1e-6) in half their
 time (``docs/benchmarks.md``).
 
     >>> from edge_inspect.preprocess import read_image, preprocess
