@@ -295,6 +295,8 @@ def _grey_area_u8(pixels, rows, columns, channels, row_first, row_weights, colum
         _weigh_channels(pixels, 3, grey)  # a literal stride, so that the loop vectorises
     else:
         _weigh_channels(pixels, 4, grey)
+    # The two passes are written out, not one helper called twice: as a helper, whose arrays the compiler cannot
+    # prove apart, neither loop vectorised and the whole took twice as long (bench_preprocess.py).
     image = grey.reshape((rows, columns))
     tall = np.zeros((height, columns), np.float32)
     for d in range(height):
