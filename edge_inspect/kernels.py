@@ -38,7 +38,6 @@ from numba.extending import intrinsic  # noqa: E402
 from edge_inspect.errors import ConfigError, InputError  # noqa: E402
 
 numba_cache.configure()
-numba_cache_dir = numba_cache.numba_cache_dir
 
 #: The criteria, in output column order. Append only: every criterion keeps
 #: its name and column when more are added. The first eleven are the paper's.

@@ -186,7 +186,7 @@ def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """
     height, width = size
     if _compiled_path(image, size):
-        return grey_area_u8(image, size)
+        return _grey_area(image, size)
     gray = to_unit_gray(image)
     if gray.shape != (height, width):
         gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_AREA)
@@ -222,6 +222,11 @@ def grey_area_u8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if not _compiled_path(image, size):
         raise InputError(f"grey_area_u8 takes a uint8 image of 1, 3 or 4 channels no smaller than {size}; got "
                          f"{image.shape} {image.dtype}. Use preprocess(), which takes any image.")
+    return _grey_area(image, size)
+
+
+def _grey_area(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """:func:`grey_area_u8` without its check, for :func:`preprocess`, which has made it."""
     height, width = size
     rows, columns = image.shape[:2]
     channels = 1 if image.ndim == 2 else image.shape[2]
