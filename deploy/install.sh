@@ -171,7 +171,7 @@ if [ "$venv" = 1 ]; then
     # onnxruntime-gpu replaces the CPU wheel: both provide the module
     # 'onnxruntime', and with both installed the last one wins at random.
     "$venv_dir/bin/pip" uninstall --quiet -y onnxruntime
-    "$venv_dir/bin/pip" install --quiet "onnxruntime-gpu>=1.18"
+    "$venv_dir/bin/pip" install --quiet "onnxruntime-gpu[cuda,cudnn]>=1.18"
   fi
   install -d "$(dirname "$link")"
   ln -sf "$prefix/bin/edge-inspect" "$link"

@@ -10,6 +10,11 @@ One session per loaded model, created once with explicit options (see
   it is created;
 - ``auto``: CUDA when it really loads, the CPU otherwise.
 
+Before a CUDA session, the CUDA and cuDNN libraries are loaded from NVIDIA's
+pip packages (``onnxruntime-gpu[cuda,cudnn]``) where those are installed,
+through ONNX Runtime's own ``preload_dlls``: the provider's library finds
+them only on the system's library path otherwise.
+
 The provider that runs is logged and returned.
 
     >>> session, device = create_session(model_bytes, device="auto")
@@ -19,6 +24,9 @@ The provider that runs is logged and returned.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 import os
 
@@ -35,6 +43,28 @@ if hasattr(ort, "disable_telemetry_events"):
 
 DEVICES = ("auto", "cpu", "cuda")
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from NVIDIA's pip packages or the library path, once per process.
+
+    ``preload_dlls`` reports what it cannot load with ``print``; that must
+    not reach stdout, where ``predict`` writes its results, so it goes to
+    the log instead. A failure here is not final: the session's providers
+    are checked after it is created.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:  # ONNX Runtime before 1.21
+        return
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            preload()
+    except Exception as exc:  # noqa: BLE001 - a failed preload leaves the usual library search
+        log.debug("Preloading the CUDA libraries failed: %s", exc)
+    for line in said.getvalue().splitlines():
+        log.debug("preload_dlls: %s", line.strip())
 
 
 def default_threads() -> int:
@@ -129,16 +159,22 @@ def create_session(
         raise ConfigError(
             f"Device 'cuda' was asked for, but this ONNX Runtime ({ort.__version__}, {ort.get_device()} build) "
             f"has no CUDA execution provider (it has: {', '.join(available)}). Install the GPU runtime with: "
-            "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (or deploy/install.sh --gpu); or use --device cpu or auto."
+            "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu[cuda,cudnn]' (or deploy/install.sh --gpu); or use --device cpu or auto."
         )
     if device == "cpu" or (device == "auto" and not cuda_built):
         providers = [_PROVIDERS["cpu"]]
     else:
-        providers = [(_PROVIDERS["cuda"], {"device_id": 0}), _PROVIDERS["cpu"]]
+        _preload_cuda_libraries()
+        providers = [_PROVIDERS["cuda"], _PROVIDERS["cpu"]]
     try:
         session = ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-        raise ModelCardError(f"ONNX Runtime cannot load {name}: {exc}") from exc
+        hint = ""
+        if "IR version" in str(exc):
+            hint = (f" The graph was written for a newer ONNX Runtime than this one ({ort.__version__}): upgrade "
+                    "onnxruntime (or onnxruntime-gpu), or export the model again with this edge-inspect, whose "
+                    "graphs need only what their opset needs.")
+        raise ModelCardError(f"ONNX Runtime cannot load {name}: {exc}{hint}") from exc
     active_providers = session.get_providers()
     active = "cuda" if active_providers and active_providers[0] == _PROVIDERS["cuda"] else "cpu"
     if device == "cuda" and active != "cuda":

@@ -278,6 +278,9 @@ def _stamp(proto, card: dict, precision: str) -> bytes:
         entry.key, entry.value = key, value
     proto.producer_name = "edge-inspect"
     proto.producer_version = __version__
+    # The onnx package stamps its own newest IR version, which an older ONNX Runtime (onnxruntime-gpu
+    # lags the CPU wheel) refuses to load; the opsets the graph imports need far less.
+    proto.ir_version = min(proto.ir_version, onnx.helper.find_min_ir_version_for(proto.opset_import, ignore_unknown=True))
     proto.doc_string = (f"edge-inspect {card['model']['kind']} reconstruction, {precision}: "
                         f"{INPUT_NAME} (batch, {card['preprocessing']['height']}, {card['preprocessing']['width']}) "
                         f"float32 in [0, 1] -> {OUTPUT_NAME}, same shape. See {CARD_FILE}.")

@@ -77,7 +77,7 @@ def test_cuda_without_cuda_gives_the_readmes_install_command(linear_model):
     message = " ".join(result.stderr.split())
     assert message.startswith("Error: Device 'cuda' was asked for") and "no CUDA execution provider" in message
     # The command is the README's, and the installer's option exists.
-    command = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+    command = "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu[cuda,cudnn]'"
     assert command in message and command in (ROOT / "README.md").read_text()
     assert "deploy/install.sh --gpu" in message and "--gpu)" in (ROOT / "deploy" / "install.sh").read_text()
     assert _named_extras(message) <= EXTRAS and "[gpu]" not in message

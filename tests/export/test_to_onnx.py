@@ -13,6 +13,10 @@ from export.parity import FP32_TOLERANCE
 from export.to_onnx import export_run
 from tests.runtime.conftest import conv_ae_run, model_dir, tiny_base, tiny_run  # noqa: F401  (shared fixtures)
 
+#: The newest ONNX IR version that onnxruntime 1.18, the oldest the runtime accepts, can load. The
+#: onnx package stamps its own (14 with onnx 1.23), which onnxruntime-gpu 1.31 refused on a GPU.
+OLDEST_RUNTIME_IR = 10
+
 
 @pytest.mark.parametrize("kind", ["linear-ae", "conv-ae", "vae", "dilated-vae"])
 def test_each_model_kind_exports_with_parity(kind, tiny_base, tmp_path):  # noqa: F811
@@ -27,6 +31,7 @@ def test_each_model_kind_exports_with_parity(kind, tiny_base, tmp_path):  # noqa
     graph = onnx.load(out / "model.onnx")
     assert [i.name for i in graph.graph.input] == ["image"] and [o.name for o in graph.graph.output] == ["reconstruction"]
     assert "ConvTranspose" not in {n.op_type for n in graph.graph.node}  # rewritten to Conv + pixel shuffle
+    assert graph.ir_version <= OLDEST_RUNTIME_IR
     embedded = json.loads({p.key: p.value for p in graph.metadata_props}[METADATA_KEY])
     assert embedded == json.loads(json.dumps(card.facts()))
 
@@ -52,6 +57,7 @@ def test_int8_export_reports_score_change_and_agreement(model_dir):  # noqa: F81
     assert parity["score_change"]["max_abs"] >= 0.0
     assert "not measured" in parity["auc"]  # label-free calibration: no defective images
     quantised = onnx.load(model_dir / "model.int8.onnx")
+    assert quantised.ir_version <= OLDEST_RUNTIME_IR
     ops = {n.op_type for n in quantised.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and "ConvTranspose" not in ops
     # the decoder's pixel shuffles move uint8 values: no Dequantize before them, no Quantize after
@@ -77,6 +83,7 @@ def test_fp16_export_keeps_fp32_input_and_output(conv_ae_run, tmp_path):  # noqa
     report = export_run(conv_ae_run, tmp_path / "m", precisions=["fp16"], force=True)
     parity = report.files["fp16"]["parity"]
     assert parity["max_abs_diff"] < 5e-3 and parity["score_change"]["max_abs"] < 5e-3
+    assert onnx.load(tmp_path / "m" / "model.fp16.onnx").ir_version <= OLDEST_RUNTIME_IR
     inspector = Inspector.load(tmp_path / "m", device="cpu")
     assert inspector.precision == "fp32"  # fp32 stays the default unless --default-precision names another
     assert Inspector.load(tmp_path / "m", device="cpu", precision="fp16").precision == "fp16"

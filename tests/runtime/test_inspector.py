@@ -1,11 +1,12 @@
 """The session (options, device choice) and the inspector (array in, Result out)."""
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 from edge_inspect.card import load_card, read_verified
-from edge_inspect.errors import ConfigError
+from edge_inspect.errors import ConfigError, ModelCardError
 from edge_inspect.inspector import Inspector, heatmap_overlay
 from edge_inspect.kernels import CRITERIA
 from edge_inspect.session import create_session, default_threads, session_options
@@ -49,7 +50,7 @@ def test_session_options_are_pinned():
 def test_cuda_on_a_cpu_only_runtime_is_a_clear_error(model_dir):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
-    with pytest.raises(ConfigError, match="Device 'cuda' was asked for.*no CUDA execution provider.*pip install onnxruntime-gpu"):
+    with pytest.raises(ConfigError, match="Device 'cuda' was asked for.*no CUDA execution provider.*pip install 'onnxruntime-gpu\[cuda,cudnn\]'"):
         Inspector.load(model_dir, device="cuda")
 
 
@@ -189,3 +190,30 @@ def test_int8_runs_and_agrees_on_most_verdicts(model_dir):
     a, b = fp32.inspect_batch(images), int8.inspect_batch(images)
     assert int8.precision == "int8"
     assert np.abs(np.array([r.score for r in a]) - np.array([r.score for r in b])).max() < 0.05
+
+
+def test_a_graph_for_a_newer_runtime_names_the_versions_and_the_fix(model_dir):
+    proto = onnx.load_from_string(read_verified(load_card(model_dir), "fp32"))
+    proto.ir_version = 99  # beyond what any ONNX Runtime reads
+    with pytest.raises(ModelCardError, match=r"(?s)IR version: 99.*newer ONNX Runtime than this one \(.*upgrade onnxruntime"):
+        create_session(proto.SerializeToString(), "cpu")
+
+
+def test_what_the_cuda_preload_prints_goes_to_the_log_not_stdout(monkeypatch, capsys, caplog):
+    """predict writes results to stdout; ORT's preload_dlls reports missing libraries with print."""
+    from edge_inspect import session
+
+    def preload():
+        print("Failed to load libcublasLt.so.13: not found")
+        raise OSError("no CUDA here")
+
+    monkeypatch.setattr(ort, "preload_dlls", preload, raising=False)
+    session._preload_cuda_libraries.cache_clear()
+    try:
+        with caplog.at_level("DEBUG", logger="edge_inspect.session"):
+            session._preload_cuda_libraries()
+            session._preload_cuda_libraries()  # once per process
+    finally:
+        session._preload_cuda_libraries.cache_clear()
+    assert capsys.readouterr().out == ""
+    assert caplog.text.count("libcublasLt.so.13") == 1 and "no CUDA here" in caplog.text
