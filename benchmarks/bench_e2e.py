@@ -9,7 +9,8 @@ per file:
   image by image (the twins of ``tests/runtime/naive.py``) and a threshold;
 - ``predict PRECISION``: ``edge-inspect predict``'s code path
   (:func:`edge_inspect.sources.files.inspect_files`) on ``--model``, once
-  for each precision the model folder holds;
+  for each precision the model folder holds, at predict's default batch
+  size, or at each of ``--batch`` (``fp32@32``: fp32 in batches of 32);
 - ``decode + resize``: decoding and resizing alone, on as many threads as
   the CPU has: the floor any pipeline from files stands on.
 
@@ -107,7 +108,8 @@ def _worker(conn, kind: str, files: list[Path], args: dict) -> None:
     elif kind == "floor":
         run = _floor(files, args["batch"], args["size"])
     else:
-        run = _predict(files, args["batch"], args["model"], kind)
+        precision, batch = args["predict"][kind]
+        run = _predict(files, batch, args["model"], precision)
     conn.send("ready")
     while True:
         what = conn.recv()
@@ -126,7 +128,9 @@ def main() -> int:
     parser.add_argument("--data", required=True, type=Path, help="a folder of image files (read recursively)")
     parser.add_argument("--images", type=int, default=256, help="files per round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="images per session run; several: each predict precision at each "
+                             "(default: predict's own; the paper's pipeline takes the first)")
     parser.add_argument("--lone", type=int, default=20, help="files timed one at a time after an idle spell")
     parser.add_argument("--idle", type=float, default=0.5, help="seconds of idle before each lone file")
     parser.add_argument("--no-paper", action="store_true", help="leave the paper's pipeline out (no TensorFlow)")
@@ -137,11 +141,16 @@ def main() -> int:
     from edge_inspect.card import load_card
     from edge_inspect.sources.files import iter_image_files
 
+    from edge_inspect.inspector import default_batch_size
+
     card = load_card(args.model)
     files = list(iter_image_files([args.data]))[: args.images]
-    kinds = ([] if args.no_paper else ["paper"]) + list(card.precisions) + ["floor"]
+    batches = args.batch or [default_batch_size(card.model_kind)]
+    predict = ({p: (p, batches[0]) for p in card.precisions} if len(batches) == 1 else
+               {f"{p}@{b}": (p, b) for p in card.precisions for b in batches})
+    kinds = ([] if args.no_paper else ["paper"]) + list(predict) + ["floor"]
     names = {"paper": "paper (Keras conv AE 300 px + NumPy/SciPy)", "floor": "decode + resize"}
-    shared = {"batch": args.batch, "model": args.model, "size": card.size}
+    shared = {"batch": batches[0], "model": args.model, "size": card.size, "predict": predict}
     ctx = mp.get_context("spawn")
     workers = {}
     for kind in kinds:
@@ -177,7 +186,7 @@ def main() -> int:
     def ratio(a, b):
         return statistics.median(x / y for x, y in zip(rate[a], rate[b]))
 
-    print(f"\n{len(files)} files from {args.data}, {args.rounds} rounds, batch {args.batch}, {os.cpu_count()} CPUs; "
+    print(f"\n{len(files)} files from {args.data}, {args.rounds} rounds, batch {' '.join(map(str, batches))}, {os.cpu_count()} CPUs; "
           f"model {args.model} ({card.model_kind}, {card.size[0]}x{card.size[1]})\n")
     print("| pipeline | images/s | x paper | / decode + resize | lone file p50 / p95 ms | peak RSS MB |")
     print("|---|---|---|---|---|---|")

@@ -121,7 +121,7 @@ def benchmark(
     data: str | os.PathLike | None = None,
     device: str = "auto",
     precisions: list[str] | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     single_runs: int = 32,
     threads: int | None = None,
     limit: int | None = None,
@@ -134,7 +134,8 @@ def benchmark(
         data: images to time (and score, when labelled); default synthetic.
         device: ``auto``, ``cpu`` or ``cuda``.
         precisions: which to measure (default: all the folder holds).
-        batch_size: images per session run in the batched measurement.
+        batch_size: images per session run in the batched measurement (default: the
+            model's, as ``predict``: :func:`~edge_inspect.inspector.default_batch_size`).
         single_runs: single-image inspections timed.
         threads: CPU threads of the session (default: all this process may use).
         limit: read at most this many images per label (evenly spaced).
@@ -216,6 +217,7 @@ def _measure(*, model_dir, data, device, precision, batch_size, single_runs, thr
     images, labels = _images(data, card_size, limit)
     before = _rss_mib()
     inspector = Inspector.load(model_dir, precision=precision, device=device, threads=threads, batch_size=batch_size)
+    batch_size = inspector.batch_size
 
     single = []
     for k in range(single_runs):

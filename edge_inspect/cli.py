@@ -469,7 +469,7 @@ def predict(
     criterion: Annotated[Optional[str], typer.Option(help="Decide with this criterion instead of the card's default.")] = None,
     precision: Annotated[Optional[Precision], typer.Option(help="Which graph of the folder to run (default: the card's).")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA if it loads, else CPU; cuda: fail unless CUDA runs.")] = Device.auto,
-    batch_size: Annotated[int, typer.Option(help="Images per session run.")] = 8,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per session run (default: the model's: 32 for linear-ae, 8 for the deep models).")] = None,
 ) -> None:
     """Inspect images: a verdict (ok, ng or error) per image.
 
@@ -573,7 +573,7 @@ def benchmark_model(
     model: Annotated[Path, typer.Option(help="Model folder written by edge-inspect export.")],
     data: Annotated[Optional[Path], typer.Option(help="Images to time; with ok/ and ng/ (or def/) subfolders, AUC-ROC too.")] = None,
     device: Annotated[Device, typer.Option(help="auto, cpu or cuda.")] = Device.auto,
-    batch_size: Annotated[int, typer.Option(help="Images per session run in the batched measurement.")] = 16,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per session run in the batched measurement (default: the model's, as predict).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads of the session (default: all available).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many images per label.")] = None,
 ) -> None:
@@ -592,7 +592,7 @@ def benchmark_model(
     console.print(f"Model {escape(str(report.model_dir))} on {device_name}, {report.threads} threads: "
                   f"{escape(str(report.data))}", highlight=False, soft_wrap=True)
     table = Table()
-    columns = ("precision", "1 image ms\np50/p95", f"batch {batch_size}\nms/img\np50/p95", "images/s",
+    columns = ("precision", "1 image ms\np50/p95", f"batch {report.rows[0].batch_size if report.rows else batch_size}\nms/img\np50/p95", "images/s",
                "speed", "peak MiB\n(model)", "AUC-ROC")
     for column in columns:
         table.add_column(column, justify="left" if column == "precision" else "right",

@@ -116,8 +116,8 @@ class _Source(_Section):
     precision: Literal["fp32", "fp16", "int8"] | None = Field(None, description="Which graph of the model folder "
                                                                                  "runs (default: the card's).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if it loads, else CPU.")
-    batch_size: int = Field(8, ge=1, le=1024, description="At most this many images per model run; a lone part "
-                                                          "runs alone.")
+    batch_size: int | None = Field(None, ge=1, le=1024, description="At most this many images per model run; a "
+                                   "lone part runs alone. Default: the model's (32 for linear-ae, 8 for the deep models).")
     readers: int = Field(2, ge=1, le=64, description="Threads reading and decoding parts.")
     max_pixels: int = Field(50_000_000, ge=1, description="Images with more pixels get an error verdict, "
                                                           "undecoded.")

@@ -217,3 +217,17 @@ def test_what_the_cuda_preload_prints_goes_to_the_log_not_stdout(monkeypatch, ca
         session._preload_cuda_libraries.cache_clear()
     assert capsys.readouterr().out == ""
     assert caplog.text.count("libcublasLt.so.13") == 1 and "no CUDA here" in caplog.text
+
+
+def test_the_default_batch_is_the_models_and_a_configured_one_wins(model_dir, tiny_base, tmp_path):
+    """The linear-ae reads its weights once a run, so it batches 32; the deep models stay at 8."""
+    from export.to_onnx import export_run
+    from tests.runtime.conftest import tiny_run
+
+    linear = tmp_path / "linear"
+    export_run(tiny_run("linear-ae", tiny_base), linear)
+    assert Inspector.load(linear, device="cpu").batch_size == 32
+    assert Inspector.load(model_dir, device="cpu").batch_size == 8
+    assert Inspector.load(linear, device="cpu", batch_size=3).batch_size == 3
+    parts = [make_part(np.random.default_rng(k), size=32)[0] for k in range(40)]
+    assert [r.batch_size for r in Inspector.load(linear, device="cpu").inspect_batch(parts)] == [32] * 32 + [8] * 8
