@@ -155,8 +155,8 @@ def export_run(
 
     run = load_run(folder.path)
     calibration = folder.calibration()
-    keras_sha = sha256_file(folder.model_file)
-    _check_out_dir(out_dir, keras_sha)
+    trained_sha = sha256_file(folder.model_file)
+    _check_out_dir(out_dir, trained_sha, folder.model_file.name)
 
     normals = run.held_out_normals("The parity check")
     from export.data import load_batch, scan_folder
@@ -169,7 +169,7 @@ def export_run(
     how = "writing its two Gemms directly" if run.kind == "linear-ae" else "with tf2onnx"
     log.info("Converting %s (%s, %dx%d) %s, opset %d", folder.path, run.kind, *run.size, how, opset)
     fp32 = convert(run.model, run.size, opset)
-    card = _card(run, calibration, keras_sha, opset, default_precision)
+    card = _card(run, calibration, trained_sha, opset, default_precision)
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -329,7 +329,13 @@ def _check_precisions(precisions) -> list[str]:
     return wanted
 
 
-def _check_out_dir(out_dir: Path, keras_sha: str) -> None:
+def trained_sha256(card: dict) -> str:
+    """The sha256 of the trained model a card was exported from (``keras_sha256`` in older cards, which held model.npz's for a linear-ae too)."""
+    model = card["model"]
+    return model["trained_sha256"] if "trained_sha256" in model else model["keras_sha256"]
+
+
+def _check_out_dir(out_dir: Path, trained_sha: str, trained_file: str) -> None:
     """Refuse an output folder that holds anything but an export of this model."""
     if not out_dir.exists():
         return
@@ -346,17 +352,17 @@ def _check_out_dir(out_dir: Path, keras_sha: str) -> None:
         )
     try:
         existing = json.loads(card_path.read_text())
-        existing_sha = existing["model"]["keras_sha256"]
+        existing_sha = trained_sha256(existing)
         existing_run = existing["model"].get("run", "?")
     except (OSError, ValueError, KeyError, TypeError):
         raise ModelCardError(
             f"Output folder '{out_dir}' holds a {CARD_FILE} that cannot be read as a model card. "
             "Choose another --out, or remove the folder."
         ) from None
-    if existing_sha != keras_sha:
+    if existing_sha != trained_sha:
         raise ModelCardError(
             f"Output folder '{out_dir}' already holds a different model (exported from {existing_run}, "
-            f"model.keras sha256 {existing_sha[:12]}..., this run's is {keras_sha[:12]}...). "
+            f"trained model sha256 {existing_sha[:12]}..., this run's {trained_file} is {trained_sha[:12]}...). "
             "Choose another --out, or remove that folder first."
         )
 
@@ -432,13 +438,13 @@ def reexport_hint(run_dir: str | os.PathLike) -> str:
     run = RunFolder(run_dir)
     run_dir, cal_path = run.path, run.calibration_path
     calibration = run.calibration()
-    keras_sha = sha256_file(run.model_file)
+    trained_sha = sha256_file(run.model_file)
     stale, current = [], []
     for entry in run.exports():
         try:
             folder = Path(entry["folder"])
             card = json.loads((folder / CARD_FILE).read_text())
-            if card["model"]["keras_sha256"] != keras_sha:
+            if trained_sha256(card) != trained_sha:
                 continue
             exported = (folder, [p for p in PRECISIONS if p in card["files"]], card["default_precision"],
                         card["opset"], any(f["parity"].get("forced") for f in card["files"].values()))
@@ -472,7 +478,7 @@ def _internal_padding(run) -> tuple[tuple[int, int], ...]:
     return padding_for(run.size, stride_of(run.kind))
 
 
-def _card(run, calibration: dict, keras_sha: str, opset: int, default_precision: str) -> dict:
+def _card(run, calibration: dict, trained_sha: str, opset: int, default_precision: str) -> dict:
     """The model card of a loaded run (:func:`export.scoring.load_run`), all but its ``files``."""
     config = run.config
     height, width = run.size
@@ -486,7 +492,8 @@ def _card(run, calibration: dict, keras_sha: str, opset: int, default_precision:
             "graph": "decoder(z_mean), no sampling" if run.kind != "conv-ae" else "decoder(encoder(x))",
             "internal_padding": [list(p) for p in _internal_padding(run)],
             "run": str(run.path.resolve()),
-            "keras_sha256": keras_sha,
+            "trained_file": run.folder.model_file.name,
+            "trained_sha256": trained_sha,
         },
         "input": {"name": INPUT_NAME, "shape": ["batch", height, width], "dtype": "float32", "layout": LAYOUT,
                   "range": [0.0, 1.0]},

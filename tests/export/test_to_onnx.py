@@ -1,5 +1,6 @@
 """ONNX export: parity with Keras for every model kind, int8, bad input (the rewrites: test_graph_rewrites.py)."""
 
+import hashlib
 import json
 import shutil
 
@@ -28,6 +29,9 @@ def test_each_model_kind_exports_with_parity(kind, tiny_base, tmp_path):  # noqa
     assert parity["verdicts_identical"]
     card = load_card(out)
     assert card.model_kind == kind and card.precisions == ["fp32"]
+    trained = card.data["model"]
+    assert trained["trained_file"] == ("model.npz" if kind == "linear-ae" else "model.keras")
+    assert trained["trained_sha256"] == hashlib.sha256((tiny_run(kind, tiny_base) / trained["trained_file"]).read_bytes()).hexdigest()
     graph = onnx.load(out / "model.onnx")
     assert [i.name for i in graph.graph.input] == ["image"] and [o.name for o in graph.graph.output] == ["reconstruction"]
     assert "ConvTranspose" not in {n.op_type for n in graph.graph.node}  # rewritten to Conv + pixel shuffle
@@ -118,12 +122,13 @@ def test_unsupported_opset(conv_ae_run, tmp_path):  # noqa: F811
         export_run(conv_ae_run, tmp_path / "out", opset=9)
 
 
-def test_output_folder_holding_a_different_model(conv_ae_run, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("key", ["trained_sha256", "keras_sha256"])  # the second: cards written before the rename
+def test_output_folder_holding_a_different_model(conv_ae_run, tmp_path, key):  # noqa: F811
     out = tmp_path / "out"
     out.mkdir()
-    card = {"model": {"keras_sha256": "0" * 64, "run": "/elsewhere/run"}}
+    card = {"model": {key: "0" * 64, "run": "/elsewhere/run"}}
     (out / "model.json").write_text(json.dumps(card))
-    with pytest.raises(ModelCardError, match="already holds a different model"):
+    with pytest.raises(ModelCardError, match=r"already holds a different model .*this run's model.keras is"):
         export_run(conv_ae_run, out)
     assert json.loads((out / "model.json").read_text()) == card  # untouched
 
