@@ -592,7 +592,8 @@ def benchmark_model(
     console.print(f"Model {escape(str(report.model_dir))} on {device_name}, {report.threads} threads: "
                   f"{escape(str(report.data))}", highlight=False, soft_wrap=True)
     table = Table()
-    columns = ("precision", "1 image ms\np50/p95", f"batch {report.rows[0].batch_size if report.rows else batch_size}\nms/img\np50/p95", "images/s",
+    batched = report.rows[0].batch_size if report.rows else batch_size  # the model's unless --batch-size
+    columns = ("precision", "1 image ms\np50/p95", f"batch {batched}\nms/img\np50/p95", "images/s",
                "speed", "peak MiB\n(model)", "AUC-ROC")
     for column in columns:
         table.add_column(column, justify="left" if column == "precision" else "right",
