@@ -1197,7 +1197,8 @@ def config_show(
     table.add_column("value", overflow="fold")
     table.add_column("from", overflow="fold")
     for key, value, origin in configuration.effective(loaded):
-        table.add_row(escape(key), escape(value), escape(origin))
+        means = configuration.unset_means(loaded.config, key) if value == "null" else None
+        table.add_row(escape(key), escape(f"null: {means}" if means else value), escape(origin))
     console.print(table)
 
 

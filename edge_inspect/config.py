@@ -569,6 +569,32 @@ def effective(loaded: Loaded) -> list[tuple[str, str, str]]:
     return rows
 
 
+_DEFAULT_CLAUSE = re.compile(r"(?P<open>\()?[Dd]efault: (?P<means>.+)$")
+
+
+def unset_means(config: ServiceConfig, key: str) -> str | None:
+    """What an unset (null) key stands for, from its description's "default: ..." clause; None if it says nothing.
+
+    ``precision`` null is "the card's", ``batch_size`` null "the model's
+    (32 for linear-ae, ...)": ``config show`` prints that beside the null.
+    """
+    node: Any = config
+    info = None
+    for part in key.split("."):
+        if isinstance(node, BaseModel):
+            info = type(node).model_fields.get(part)
+            node = getattr(node, part, None)
+        elif isinstance(node, dict):
+            info, node = None, node.get(part)
+        else:
+            return None
+    found = _DEFAULT_CLAUSE.search(info.description or "") if info is not None else None
+    if not found:
+        return None
+    means = found["means"].removesuffix(".")
+    return means.removesuffix(")") if found["open"] else means
+
+
 def schema() -> dict:
     """The JSON Schema of the configuration file."""
     document = ServiceConfig.model_json_schema()
