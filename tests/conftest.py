@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Help and tables wrap at the terminal's width: the width of a pipe (what CI
+# has), whatever terminal the tests run in, so that their text is the same.
+os.environ["COLUMNS"] = "80"
 
 import pytest  # noqa: E402
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from edge_inspect import config
+from edge_inspect import cli, config
 from edge_inspect.cli import app
 from edge_inspect.errors import ConfigError
 from tests.runtime.conftest import model_dir, tiny_base  # noqa: F401  (shared fixtures)
@@ -171,6 +171,7 @@ def test_config_show_tells_where_each_value_came_from(tmp_path, folders, monkeyp
     assert rows["sources.line2.settle"] == {"key": "sources.line2.settle", "value": 2.0, "from": f"file {path}"}
     assert rows["http.port"]["value"] == 9200 and rows["http.port"]["from"] == "environment EDGE_INSPECT_HTTP__PORT"
     assert rows["sources.line2.readers"]["from"] == "default"
+    monkeypatch.setattr(cli.console, "width", 250)
     table = runner.invoke(app, ["config", "show", str(path)])
     assert table.exit_code == 0 and "sources.line2.settle" in table.stdout
 
@@ -182,7 +183,7 @@ def test_config_show_says_what_an_unset_key_stands_for(tmp_path, folders, monkey
     assert config.unset_means(loaded.config, "sources.line2.precision") == "the card's"
     assert config.unset_means(loaded.config, "sources.line2.threshold") is None  # its description names no default
     assert config.unset_means(loaded.config, "no.such.key") is None
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(cli.console, "width", 250)  # one line a row, whatever the terminal
     table = runner.invoke(app, ["config", "show", str(path)])
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in table.stdout.splitlines() if line.count("│") == 4}
     assert rows["sources.line2.precision"] == "null: the card's"

@@ -50,7 +50,7 @@ def test_session_options_are_pinned():
 def test_cuda_on_a_cpu_only_runtime_is_a_clear_error(model_dir):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
-    with pytest.raises(ConfigError, match="Device 'cuda' was asked for.*no CUDA execution provider.*pip install 'onnxruntime-gpu\[cuda,cudnn\]'"):
+    with pytest.raises(ConfigError, match=r"Device 'cuda' was asked for.*no CUDA execution provider.*pip install 'onnxruntime-gpu\[cuda,cudnn\]'"):
         Inspector.load(model_dir, device="cuda")
 
 
