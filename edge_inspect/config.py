@@ -111,8 +111,9 @@ class Retention(_Section):
 
 class _Source(_Section):
     model: Path = Field(description="Model folder written by edge-inspect export.")
-    criterion: str | None = Field(None, description="Decide with this criterion instead of the card's default.")
-    threshold: float | None = Field(None, description="Decide with this threshold instead of the card's.")
+    criterion: str | None = Field(None, description="Decide with this criterion (default: the card's).")
+    threshold: float | None = Field(None, description="Decide with this threshold, in the criterion's units "
+                                                      "(default: the card's, calibrated for that criterion).")
     precision: Literal["fp32", "fp16", "int8"] | None = Field(None, description="Which graph of the model folder "
                                                                                  "runs (default: the card's).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if it loads, else CPU.")

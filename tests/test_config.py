@@ -181,14 +181,14 @@ def test_config_show_says_what_an_unset_key_stands_for(tmp_path, folders, monkey
     loaded = config.load_with_origins(path)
     assert config.unset_means(loaded.config, "sources.line2.batch_size").startswith("the model's (32 for linear-ae")
     assert config.unset_means(loaded.config, "sources.line2.precision") == "the card's"
-    assert config.unset_means(loaded.config, "sources.line2.threshold") is None  # its description names no default
+    assert config.unset_means(loaded.config, "sources.line2.retention.heatmaps_max_age") is None  # no default to name
     assert config.unset_means(loaded.config, "no.such.key") is None
     monkeypatch.setattr(cli.console, "width", 250)  # one line a row, whatever the terminal
     table = runner.invoke(app, ["config", "show", str(path)])
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in table.stdout.splitlines() if line.count("│") == 4}
     assert rows["sources.line2.precision"] == "null: the card's"
     assert rows["sources.line2.batch_size"].startswith("null: the model's")
-    assert rows["sources.line2.threshold"] == "null"
+    assert rows["sources.line2.retention.heatmaps_max_age"] == "null"
     json_rows = [json.loads(line) for line in runner.invoke(app, ["config", "show", str(path), "--json"]).stdout.splitlines()]
     assert {"key": "sources.line2.batch_size", "value": None, "from": "default"} in json_rows  # machines still get null
 
