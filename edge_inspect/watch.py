@@ -148,6 +148,46 @@ def read_file(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
         os.close(fd)
 
 
+def read_complete(path: Path, max_bytes: int, writers=None, patience: float = 10.0,
+                  stopping: threading.Event | None = None) -> tuple[bytes, os.stat_result] | None:
+    """The bytes of a file that no writer is changing, and its ``fstat``; None: it is being written again.
+
+    A file reported complete (closed after writing, or still for the
+    settle time) may be opened again before it is read: a writer that
+    truncates and rewrites it leaves a partial content for a while. So after
+    each read the file must be closed by every writer (``writers.busy``,
+    where a file lease can tell) and unchanged since (inode, size, mtime);
+    otherwise it is read again, for up to ``patience`` seconds. When the
+    patience (or the watcher) runs out: the content read is judged if the file
+    has not changed since the first read, only held open; None if it changed,
+    for its next complete version (a new close event, or a poll that sees the
+    change) to bring.
+
+    Raises:
+        InputError: as :func:`read_file`.
+    """
+    deadline = time.monotonic() + patience
+    first = None
+    while True:
+        data, st = read_file(path, max_bytes)
+        busy = writers.busy(path, scan=False) if writers is not None else None
+        try:
+            now = os.stat(path)
+        except OSError:
+            return data, st  # moved away or deleted since: what was read is all there is
+        version = (now.st_ino, now.st_size, now.st_mtime_ns)
+        first = first or (st.st_ino, st.st_size, st.st_mtime_ns)
+        if version == (st.st_ino, st.st_size, st.st_mtime_ns) and not busy:
+            return data, st
+        if time.monotonic() >= deadline or (stopping is not None and stopping.is_set()):
+            return (data, st) if version == first == (st.st_ino, st.st_size, st.st_mtime_ns) else None
+        time.sleep(_REREAD_S)
+
+
+#: Seconds between reads of a file a writer is still changing.
+_REREAD_S = 0.05
+
+
 # ----------------------------------------------------------------- pipeline
 
 
@@ -192,6 +232,9 @@ class Watcher:
         if len(set(names)) != len(names) or not set(names) <= set(SINK_ORDER):
             raise ConfigError(f"Sinks must be distinct and among {', '.join(SINK_ORDER)}; got {', '.join(names)}.")
         self.source = source
+        # A hot folder tells whether a file is still open for writing, and how long a writer may pause.
+        self._writers = getattr(source, "writers", None)
+        self._patience = float(getattr(source, "settle_unsure", 10.0))
         self.inspector = inspector
         self.ledger = ledger
         self.sinks = sorted(sinks, key=lambda s: SINK_ORDER.index(s.name))
@@ -372,13 +415,17 @@ class Watcher:
                       "mtime_ns": item.mtime_ns, "identity": file_identity(path, item.size, item.mtime_ns, None)},
                      arrived, key)
         try:
-            data, st = read_file(path, self.max_bytes)
+            read = read_complete(path, self.max_bytes, self._writers, self._patience, self._stopping)
         except InputError as exc:
             if not path.exists() and self.ledger.seen_file(path, item.size, item.mtime_ns):
                 self._duplicate(part, "already inspected and moved away")
                 return None
             part.error = str(exc)
         else:
+            if read is None:
+                self._duplicate(part, "it is being written again; its next complete version gets the verdict")
+                return None
+            data, st = read
             sha = hashlib.sha256(data).hexdigest()
             part.ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=sha,
                               identity=file_identity(path, st.st_size, st.st_mtime_ns, sha))

@@ -90,12 +90,18 @@ class WriteCheck:
         """False where no local check can see every writer (not Linux, or a network file system)."""
         return sys.platform.startswith("linux") and not self.remote
 
-    def busy(self, path: Path) -> bool | None:
-        """True when some process has ``path`` open for writing, False when none has, None when it cannot tell."""
+    def busy(self, path: Path, *, scan: bool = True) -> bool | None:
+        """True when some process has ``path`` open for writing, False when none has, None when it cannot tell.
+
+        ``scan=False`` asks the file lease only (a few system calls) and
+        answers None where no lease can be taken, instead of reading every
+        process's descriptors in /proc (milliseconds): for a check made on
+        every file read.
+        """
         if not self.can_tell:
             return None
         answer = self._by_lease(path)
-        if answer is None:
+        if answer is None and scan:
             answer = self._by_proc(path)
         return answer
 

@@ -1,5 +1,6 @@
 """The watch pipeline in-process: real hot folder, real SQLite ledger, real model, real files."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +22,8 @@ from edge_inspect.inspector import Inspector
 from edge_inspect.ledger import Ledger
 from edge_inspect.sinks import HeatmapSink, JsonlSink, SortSink
 from edge_inspect.sources import Camera, FileItem, HotFolder
-from edge_inspect.watch import Watcher, image_dimensions, read_file
+from edge_inspect.sources.writers import WriteCheck
+from edge_inspect.watch import Watcher, image_dimensions, read_complete, read_file
 from tests.runtime.conftest import model_dir, tiny_base  # noqa: F401  (shared fixtures)
 from tests.support import DEFECTS, make_part, write_parts
 from tests.support.waiting import wait_until
@@ -143,6 +145,97 @@ def test_a_replaced_file_is_a_new_part(inspector, tmp_path):
     assert summary.total == 1 and summary.duplicates == 1
     assert [r["source"] for r in got] == [str(path)] * 2
     assert got[0]["sha256"] != got[1]["sha256"] and got[0]["mtime_ns"] != got[1]["mtime_ns"]
+
+
+def png(seed: int) -> bytes:
+    image, _ = make_part(np.random.default_rng(seed), size=32, defect=None)
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+class Reported(list):
+    """Files as a hot folder reports them, with its check for open writers and its longer settle time."""
+
+    def __init__(self, items, folder, settle_unsure=10.0):
+        super().__init__(items)
+        self.writers = WriteCheck(folder)
+        self.settle_unsure = settle_unsure
+
+
+def rewrite_slowly(path, data: bytes, written: int, after_s: float) -> threading.Thread:
+    """Open ``path`` again (truncating it), write ``written`` bytes of ``data`` now and the rest ``after_s`` later."""
+    handle = open(path, "wb")  # noqa: SIM115  (closed by the thread)
+    handle.write(data[:written])
+    handle.flush()
+
+    def finish():
+        time.sleep(after_s)
+        handle.write(data[written:])
+        handle.close()
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    return thread
+
+
+def test_a_file_opened_again_after_its_close_is_read_once_its_writer_closes_it(tmp_path):
+    """A file reported complete is truncated and rewritten before it is read: the read waits for the writer."""
+    path = tmp_path / "part.png"
+    path.write_bytes(png(1))
+    second = png(2)
+    writer = rewrite_slowly(path, second, len(second) // 3, after_s=0.3)
+    assert read_file(path, 1 << 20)[0] == second[: len(second) // 3]  # what a plain read sees now
+    data, st = read_complete(path, 1 << 20, WriteCheck(tmp_path), patience=10.0)
+    writer.join()
+    assert data == second and st.st_size == len(second)
+
+
+def test_a_file_still_changing_when_patience_runs_out_is_left_for_its_next_version(tmp_path):
+    path = tmp_path / "part.png"
+    handle = open(path, "wb")  # noqa: SIM115
+    stop = threading.Event()
+
+    def keep_writing():
+        while not stop.is_set():
+            handle.write(b"x" * 100)
+            handle.flush()
+            time.sleep(0.01)
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        assert read_complete(path, 1 << 30, WriteCheck(tmp_path), patience=0.3) is None
+    finally:
+        stop.set()
+        writer.join()
+        handle.close()
+
+
+def test_a_file_held_open_but_unchanged_is_read_when_patience_runs_out(tmp_path):
+    """A writer that keeps a finished file open (no close to wait for): judged after the patience, not lost."""
+    path = tmp_path / "part.png"
+    path.write_bytes(png(3))
+    with open(path, "ab"):
+        assert WriteCheck(tmp_path).busy(path, scan=False) is True
+        started = time.monotonic()
+        data, _ = read_complete(path, 1 << 20, WriteCheck(tmp_path), patience=0.3)
+        assert data == png(3) and time.monotonic() - started >= 0.3
+
+
+def test_the_watcher_judges_a_rewritten_file_on_its_complete_content(inspector, tmp_path):
+    """As a hot folder reports it: complete at its close, then opened again and rewritten in pieces."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = folder / "part.png"
+    path.write_bytes(png(1))
+    reported = item(path)
+    second = png(2)
+    writer = rewrite_slowly(path, second, len(second) // 3, after_s=1.0)
+    with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+        summary = Watcher(Reported([reported], folder), inspector, ledger).run()
+    writer.join()
+    got = rows(tmp_path / "ledger.sqlite")
+    assert summary.total == 1 and summary.error == 0, got
+    assert got[0]["sha256"] == hashlib.sha256(second).hexdigest() and got[0]["size"] == len(second)
 
 
 def test_a_lone_part_is_inspected_alone_at_once(inspector, tmp_path):
