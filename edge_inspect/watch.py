@@ -157,7 +157,8 @@ def read_complete(path: Path, max_bytes: int, writers=None, patience: float = 10
     truncates and rewrites it leaves a partial content for a while. So after
     each read the file must be closed by every writer (``writers.busy``,
     where a file lease can tell) and unchanged since (inode, size, mtime);
-    otherwise it is read again, for up to ``patience`` seconds. When the
+    otherwise it is looked at every 50 ms and read again once it has changed
+    and then held still for one look, for up to ``patience`` seconds. When the
     patience (or the watcher) runs out: the content read is judged if the file
     has not changed since the first read, only held open; None if it changed,
     for its next complete version (a new close event, or a poll that sees the
@@ -167,24 +168,31 @@ def read_complete(path: Path, max_bytes: int, writers=None, patience: float = 10
         InputError: as :func:`read_file`.
     """
     deadline = time.monotonic() + patience
-    first = None
+    data, st = read_file(path, max_bytes)
+    first = read = (st.st_ino, st.st_size, st.st_mtime_ns)
+    last = None
     while True:
-        data, st = read_file(path, max_bytes)
         busy = writers.busy(path, scan=False) if writers is not None else None
         try:
             now = os.stat(path)
         except OSError:
             return data, st  # moved away or deleted since: what was read is all there is
         version = (now.st_ino, now.st_size, now.st_mtime_ns)
-        first = first or (st.st_ino, st.st_size, st.st_mtime_ns)
-        if version == (st.st_ino, st.st_size, st.st_mtime_ns) and not busy:
+        if version == read and not busy:
             return data, st
         if time.monotonic() >= deadline or (stopping is not None and stopping.is_set()):
-            return (data, st) if version == first == (st.st_ino, st.st_size, st.st_mtime_ns) else None
+            return (data, st) if version == read == first else None
+        if version != read and version == last:
+            # Changed since the read and still since the last look: read the new content (a file
+            # that keeps changing is not read again on every look).
+            data, st = read_file(path, max_bytes)
+            read = (st.st_ino, st.st_size, st.st_mtime_ns)
+            continue
+        last = version
         time.sleep(_REREAD_S)
 
 
-#: Seconds between reads of a file a writer is still changing.
+#: Seconds between looks at a file a writer is still changing.
 _REREAD_S = 0.05
 
 
