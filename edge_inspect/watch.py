@@ -181,7 +181,13 @@ def read_complete(path: Path, max_bytes: int, writers=None, patience: float = 10
         if version == read and not busy:
             return data, st
         if time.monotonic() >= deadline or (stopping is not None and stopping.is_set()):
-            return (data, st) if version == read == first else None
+            held = version == read == first
+            if time.monotonic() >= deadline:
+                log.warning("%s: %s %.3g s after it was reported complete; %s. Writers should close a file when "
+                            "done, or write it under a temporary name and rename it into place.", path.name,
+                            "still open for writing, unchanged," if held else "still being written",
+                            patience, "judged as it is" if held else "its next complete version gets the verdict")
+            return (data, st) if held else None
         if version != read and version == last:
             # Changed since the read and still since the last look: read the new content (a file
             # that keeps changing is not read again on every look).

@@ -189,7 +189,7 @@ def test_a_file_opened_again_after_its_close_is_read_once_its_writer_closes_it(t
     assert data == second and st.st_size == len(second)
 
 
-def test_a_file_still_changing_when_patience_runs_out_is_left_for_its_next_version(tmp_path):
+def test_a_file_still_changing_when_patience_runs_out_is_left_for_its_next_version(tmp_path, caplog):
     path = tmp_path / "part.png"
     handle = open(path, "wb")  # noqa: SIM115
     stop = threading.Event()
@@ -204,13 +204,14 @@ def test_a_file_still_changing_when_patience_runs_out_is_left_for_its_next_versi
     writer.start()
     try:
         assert read_complete(path, 1 << 30, WriteCheck(tmp_path), patience=0.3) is None
+        assert "part.png: still being written 0.3 s after it was reported complete; its next" in caplog.text
     finally:
         stop.set()
         writer.join()
         handle.close()
 
 
-def test_a_file_held_open_but_unchanged_is_read_when_patience_runs_out(tmp_path):
+def test_a_file_held_open_but_unchanged_is_read_when_patience_runs_out(tmp_path, caplog):
     """A writer that keeps a finished file open (no close to wait for): judged after the patience, not lost."""
     path = tmp_path / "part.png"
     path.write_bytes(png(3))
@@ -219,6 +220,7 @@ def test_a_file_held_open_but_unchanged_is_read_when_patience_runs_out(tmp_path)
         started = time.monotonic()
         data, _ = read_complete(path, 1 << 20, WriteCheck(tmp_path), patience=0.3)
         assert data == png(3) and time.monotonic() - started >= 0.3
+    assert "part.png: still open for writing, unchanged, 0.3 s after it was reported complete; judged" in caplog.text
 
 
 def test_the_watcher_judges_a_rewritten_file_on_its_complete_content(inspector, tmp_path):
