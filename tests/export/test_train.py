@@ -121,7 +121,8 @@ def _train_in_subprocess(normal_dir, run, epochs):
         [sys.executable, "-m", "edge_inspect.cli", "train", "--model", "conv-ae", "--normal", str(normal_dir),
          "--out", str(run), "--size", "32", "--batch-size", "4", "--epochs", str(epochs), "--patience", "1000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        # PYTHONFAULTHANDLER: a crash of the interrupted process (a SIGSEGV once on CI) prints every thread's stack
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONFAULTHANDLER": "1"},
         # a test run started in the background inherits SIGINT ignored, and so would the training: a Ctrl-C
         # must reach it as it reaches a user's
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
