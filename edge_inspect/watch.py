@@ -169,20 +169,20 @@ def read_complete(path: Path, max_bytes: int, writers=None, patience: float = 10
     """
     deadline = time.monotonic() + patience
     data, st = read_file(path, max_bytes)
-    first = read = (st.st_ino, st.st_size, st.st_mtime_ns)
+    first = read = _version(st)
     last = None
     while True:
         busy = writers.busy(path, scan=False) if writers is not None else None
         try:
-            now = os.stat(path)
+            version = _version(os.stat(path))
         except OSError:
             return data, st  # moved away or deleted since: what was read is all there is
-        version = (now.st_ino, now.st_size, now.st_mtime_ns)
         if version == read and not busy:
             return data, st
-        if time.monotonic() >= deadline or (stopping is not None and stopping.is_set()):
+        timed_out = time.monotonic() >= deadline
+        if timed_out or (stopping is not None and stopping.is_set()):
             held = version == read == first
-            if time.monotonic() >= deadline:
+            if timed_out:
                 log.warning("%s: %s %.3g s after it was reported complete; %s. Writers should close a file when "
                             "done, or write it under a temporary name and rename it into place.", path.name,
                             "still open for writing, unchanged," if held else "still being written",
@@ -192,10 +192,15 @@ def read_complete(path: Path, max_bytes: int, writers=None, patience: float = 10
             # Changed since the read and still since the last look: read the new content (a file
             # that keeps changing is not read again on every look).
             data, st = read_file(path, max_bytes)
-            read = (st.st_ino, st.st_size, st.st_mtime_ns)
+            read = _version(st)
             continue
         last = version
         time.sleep(_REREAD_S)
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int]:
+    """Which content a file holds, as far as its metadata tells: inode, size, mtime."""
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 #: Seconds between looks at a file a writer is still changing.
